@@ -1,0 +1,75 @@
+"""A tiny training job run in a subprocess by the engine tests (resume after kill -9, NaN guard).
+
+usage: python tests/engine_job.py CHECKPOINT_DIR RESULT_JSON [--sleep S] [--nan-at STEP]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from vitkit.engine.distributed import DistInfo
+from vitkit.engine.trainer import Trainer, TrainerConfig
+from vitkit.errors import TrainingError
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("result")
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--nan-at", type=int, default=-1)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    inputs = torch.randn(256, 8)
+    labels = (inputs[:, 0] + 0.5 * inputs[:, 1] > 0).long()
+    dataset = TensorDataset(inputs, labels)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2))
+    calls = {"n": 0}
+
+    def step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        calls["n"] += 1
+        time.sleep(args.sleep)
+        loss = F.cross_entropy(net(x + 0.05 * torch.randn_like(x)), y)  # uses the RNG, as augmentation does
+        return loss * float("nan") if calls["n"] == args.nan_at else loss
+
+    def evaluate(net: nn.Module) -> dict[str, float]:
+        net.eval()
+        with torch.no_grad():
+            return {"acc": (net(inputs).argmax(1) == labels).float().mean().item()}
+
+    cfg = TrainerConfig(
+        epochs=4,
+        batch_size=16,
+        lr=0.01,
+        warmup_epochs=0.5,
+        checkpoint_every_steps=5,
+        progress=False,
+        desc="tiny",
+        fingerprint="tiny-v1",
+    )
+    trainer = Trainer(
+        model, dataset, step, cfg, torch.device("cpu"), DistInfo(), args.checkpoint_dir, eval_fn=evaluate
+    )
+    try:
+        history = trainer.fit()
+    except TrainingError as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
+    weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    with open(args.result, "w") as fh:
+        json.dump({"history": history, "weights": weights.tolist(), "steps_run": calls["n"]}, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

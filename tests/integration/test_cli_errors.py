@@ -1,0 +1,133 @@
+"""Bad input tried from the command line: one clear message, exit code 2, nothing half-written or lost."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import make_pipeline_repo, run, smoke_params
+
+pytestmark = pytest.mark.integration
+
+
+def snapshot(root: Path) -> dict[str, float]:
+    """mtime of every file under the pipeline's output folders."""
+    folders = ("data", "artifacts", "metrics", "plots", "reports")
+    return {str(p): p.stat().st_mtime_ns for f in folders for p in (root / f).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built_repo(tmp_path_factory):
+    """A smoke repo whose pipeline has run once, so there is good output to lose."""
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("errors"))
+    result = run(["dvc", "repro"], repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return repo
+
+
+def stage(repo: Path, name: str, params: dict, env: dict | None = None, tmp: Path | None = None):
+    params_file = (tmp or repo) / "bad-params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    return run([sys.executable, "-m", f"stages.{name}", "--params", str(params_file)], repo, env)
+
+
+def assert_one_clear_error(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: [")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("section", "override", "needle"),
+    [
+        ("teacher", {"epochs": "many"}, "teacher.epochs: Input should be a valid integer"),
+        ("teacher", {"momentum": 0.9}, "teacher.momentum: unknown key"),
+        ("teacher", {"lr": 0}, "teacher.lr: Input should be greater than 0"),
+    ],
+)
+def test_bad_params_stop_every_stage_before_it_writes(built_repo, tmp_path, section, override, needle):
+    before = snapshot(built_repo)
+    for name in ("prepare", "train_teacher", "evaluate"):
+        result = stage(built_repo, name, smoke_params(**{section: override}), tmp=tmp_path)
+        assert_one_clear_error(result, "bad-params.yaml", needle)
+    assert snapshot(built_repo) == before
+
+
+def test_unreachable_tracking_server_fails_before_training(built_repo, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    before = snapshot(built_repo)
+    result = stage(
+        built_repo,
+        "train_teacher",
+        smoke_params(),
+        {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+        tmp=tmp_path,
+    )
+    assert_one_clear_error(result, f"http://127.0.0.1:{port} is unreachable")
+    assert "teacher 1/" not in result.stderr + result.stdout  # no training step ran
+    assert snapshot(built_repo) == before
+
+
+def test_nan_loss_stops_training_and_keeps_the_previous_model(built_repo, tmp_path):
+    before = snapshot(built_repo)
+    result = stage(
+        built_repo, "train_teacher", smoke_params(teacher={"lr": 1e30, "grad_clip": 0}), tmp=tmp_path
+    )
+    assert_one_clear_error(result, "loss became", "Lower the learning rate")
+    assert snapshot(built_repo) == before
+
+
+def test_corrupt_imagefolder_is_named_and_existing_data_kept(built_repo, tmp_path):
+    root = tmp_path / "mydata"
+    for split in ("train", "val", "test"):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    (root / "train" / "b" / "1.png").write_bytes(b"not a png")
+    before = snapshot(built_repo)
+    params = smoke_params(data={"classification": {"source": "imagefolder", "path": str(root)}})
+    result = stage(built_repo, "prepare", params, tmp=tmp_path)
+    assert_one_clear_error(result, "train/b/1.png")
+    assert snapshot(built_repo) == before
+
+
+def test_malformed_coco_entries_are_listed(built_repo, tmp_path):
+    images = tmp_path / "coco_images"
+    images.mkdir()
+    Image.new("RGB", (64, 48)).save(images / "a.png")
+    good = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 48}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "area": 100, "iscrowd": 0}
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    bad = json.loads(json.dumps(good))
+    bad["annotations"][0]["category_id"] = 7
+    bad["images"].append({"id": 2, "file_name": "../../etc/passwd", "width": 10, "height": 10})
+    for name, content in (("good.json", good), ("bad.json", bad)):
+        (tmp_path / name).write_text(json.dumps(content))
+    splits = {"train": "bad.json", "val": "good.json", "test": "good.json"}
+    coco = {s: {"annotations": str(tmp_path / f), "images": str(images)} for s, f in splits.items()}
+    before = snapshot(built_repo)
+    result = stage(
+        built_repo,
+        "prepare",
+        smoke_params(data={"detection": {"source": "coco", "coco": coco}}),
+        tmp=tmp_path,
+    )
+    assert_one_clear_error(result, "bad.json", "category_id 7", "../../etc/passwd")
+    assert snapshot(built_repo) == before

@@ -1,0 +1,101 @@
+"""params.yaml schema: defaults, profiles, and one clear error per bad key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vitkit.config import Params, deep_merge, load_params, profile_overrides, validate_params
+from vitkit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_default_params_and_every_profile_validate():
+    assert isinstance(load_params(ROOT / "params.yaml"), Params)
+    for profile in sorted((ROOT / "profiles").glob("*.yaml")):
+        merged = deep_merge(default_raw(), profile_overrides(profile.stem))
+        validate_params(merged, profile.name)
+
+
+def test_deep_merge_keeps_sibling_keys():
+    merged = deep_merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 5}})
+    assert merged == {"a": {"b": 5, "c": 2}, "d": 3}
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("teacher", "lrr"), 0.1, "teacher.lrr: unknown key"),
+        (("teacher", "epochs"), "ten", "teacher.epochs: Input should be a valid integer"),
+        (("teacher", "lr"), -1.0, "teacher.lr: Input should be greater than 0"),
+        (
+            ("teacher", "label_fraction"),
+            1.5,
+            "teacher.label_fraction: Input should be less than or equal to 1",
+        ),
+        (("engine", "device"), "tpu", "engine.device: Input should be 'auto', 'cpu', 'cuda' or 'mps'"),
+        (("data", "classes"), ["circle", "blob"], "data.classes.1: Input should be 'circle'"),
+        (("data", "detection", "shapes", "min_objects"), 9, "min_objects (9) must be <= max_objects"),
+        (("data", "classification", "source"), "imagefolder", "needs 'path'"),
+    ],
+)
+def test_bad_value_names_file_key_and_what_is_allowed(path, value, expected):
+    raw = default_raw()
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as info:
+        validate_params(raw, "params.yaml")
+    message = str(info.value)
+    assert message.startswith("params.yaml: 1 invalid param(s)")
+    assert expected in message
+
+
+def test_missing_required_section_is_reported():
+    raw = default_raw()
+    del raw["teacher"]
+    with pytest.raises(ConfigError, match="teacher: required key is missing"):
+        validate_params(raw)
+
+
+def test_cli_check_exits_2_with_one_message(tmp_path):
+    bad = tmp_path / "params.yaml"
+    raw = default_raw()
+    raw["teacher"]["epochs"] = 0
+    bad.write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, "-m", "vitkit.config", "check", str(bad)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 2
+    assert "teacher.epochs: Input should be greater than 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    broken = tmp_path / "params.yaml"
+    broken.write_text("teacher: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(broken)
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_profile_prints_dvc_set_param_arguments():
+    result = subprocess.run(
+        [sys.executable, "-m", "vitkit.config", "profile", "smoke"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0
+    assert "-S teacher.epochs=2" in result.stdout
+    with pytest.raises(ConfigError, match="unknown profile"):
+        profile_overrides("nonexistent")

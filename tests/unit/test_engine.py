@@ -1,0 +1,103 @@
+"""Training engine: schedule, sampler, learning, resume after kill -9, NaN guard."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vitkit.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from vitkit.engine.sampler import EpochSampler
+from vitkit.engine.trainer import build_scheduler
+
+JOB = Path(__file__).resolve().parent.parent / "engine_job.py"
+
+
+def run_job(
+    tmp: Path, name: str, *extra: str, kill_when_checkpointed: bool = False
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(JOB), str(tmp / f"ckpt-{name}"), str(tmp / f"{name}.json"), *extra]
+    if not kill_when_checkpointed:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = tmp / f"ckpt-{name}" / CHECKPOINT_NAME
+    deadline = time.time() + 60
+    # wait until training is well into its second epoch, past a mid-epoch checkpoint
+    while time.time() < deadline:
+        state = load_checkpoint(checkpoint.parent) if checkpoint.exists() else None
+        if state is not None and state["epoch"] == 1 and state["step_in_epoch"] >= 5:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return subprocess.CompletedProcess(cmd, process.returncode, "", "")
+
+
+def test_scheduler_warms_up_then_decays_to_zero():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1.0)
+    sched = build_scheduler(opt, warmup_steps=10, total_steps=110)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < 0.01
+    assert all(a < b for a, b in itertools.pairwise(lrs[:11]))  # rising during warmup
+    assert abs(max(lrs) - 1.0) < 1e-6
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))  # cosine decay
+    assert lrs[-1] < 0.01
+
+
+def test_sampler_splits_ranks_and_resumes_mid_epoch():
+    ranks = [EpochSampler(10, seed=3, rank=r, world_size=3) for r in range(3)]
+    for s in ranks:
+        s.set_epoch(2)
+    seen = [i for s in ranks for i in s]
+    assert sorted(set(seen)) == list(range(10))  # every sample, padded to 12
+    assert len(seen) == 12 and all(len(s) == 4 for s in ranks)
+    single = EpochSampler(10, seed=3)
+    single.set_epoch(2)
+    full = list(single)
+    single.set_epoch(2, start=4)
+    assert list(single) == full[4:]
+    single.set_epoch(3)
+    assert list(single) != full  # a new order each epoch
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    reference = run_job(tmp_path, "reference")
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    killed = run_job(tmp_path, "resumed", "--sleep", "0.03", kill_when_checkpointed=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "resumed.json").exists()
+    resumed = run_job(tmp_path, "resumed")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout
+
+    ref = json.loads((tmp_path / "reference.json").read_text())
+    res = json.loads((tmp_path / "resumed.json").read_text())
+    assert res["steps_run"] < ref["steps_run"]  # it did not start over
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3, 4]
+    assert torch.allclose(torch.tensor(res["weights"]), torch.tensor(ref["weights"]), atol=1e-5)
+    assert abs(res["history"][-1]["acc"] - ref["history"][-1]["acc"]) < 1e-6
+    assert ref["history"][-1]["acc"] > 0.9  # and the job does learn
+    assert load_checkpoint(tmp_path / "ckpt-resumed")["finished"]  # kept, but never resumed from
+    again = run_job(tmp_path, "resumed")
+    assert again.returncode == 0 and "resuming" not in again.stdout
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    result = run_job(tmp_path, "nan", "--nan-at", "23")
+    assert result.returncode == 2
+    assert "loss became nan at epoch 2, step 7" in result.stdout
+    assert "last good checkpoint" in result.stdout
+    state = load_checkpoint(tmp_path / "ckpt-nan")
+    assert state is not None and state["global_step"] == 21  # the epoch-2 step-5 checkpoint, before the NaN
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

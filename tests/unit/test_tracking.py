@@ -1,0 +1,87 @@
+"""MLflow conventions: URI, reachability, run nesting and tags, batched metrics, model round trip."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from vitkit import tracking
+from vitkit.errors import TrackingError
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    return tmp_path
+
+
+def test_default_uri_is_absolute_in_repo_root_whatever_the_cwd(repo, monkeypatch):
+    monkeypatch.chdir("/")
+    assert tracking.tracking_uri(repo) == f"sqlite:///{repo.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
+    assert tracking.tracking_uri(repo) == "http://example.invalid:5000"
+
+
+def test_unreachable_server_fails_fast_with_one_message():
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(TrackingError) as info:
+        tracking.check_reachable(f"http://127.0.0.1:{port}")
+    assert time.perf_counter() - start < 10
+    assert f"http://127.0.0.1:{port} is unreachable" in str(info.value)
+    assert "MLFLOW_TRACKING_URI" in str(info.value)
+
+
+def test_unwritable_sqlite_folder_is_reported(tmp_path):
+    with pytest.raises(TrackingError, match="does not exist or is not writable"):
+        tracking.check_reachable(f"sqlite:///{tmp_path}/missing/mlflow.db")
+
+
+def test_stage_run_is_a_tagged_child_of_the_flow_run_with_per_epoch_metrics(repo, monkeypatch):
+    uri = tracking.tracking_uri(repo)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = tracking.ensure_experiment("exp", repo)
+    assert (
+        MlflowClient(uri).get_experiment(experiment_id).artifact_location == (repo / "mlartifacts").as_uri()
+    )
+    with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline") as parent:
+        monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent.info.run_id)
+        with tracking.stage_run(
+            "train_x", repo, "exp", {"x.lr": 0.1}, {"vitkit.dvc_stage_hash": "abc"}
+        ) as run:
+            for epoch in (1, 2, 3):
+                run.log_epoch({"epoch": epoch, "loss": 1.0 / epoch, "acc": 0.3 * epoch})
+            child_id = run.run_id
+    client = MlflowClient(uri)
+    child = client.get_run(child_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert child.data.tags["vitkit.stage"] == "train_x"
+    assert child.data.tags["vitkit.dvc_stage_hash"] == "abc"
+    assert "mlflow.source.git.commit" in child.data.tags
+    assert child.data.params == {"x.lr": "0.1"}
+    history = client.get_metric_history(child_id, "loss")
+    assert [(m.step, round(m.value, 3)) for m in history] == [(1, 1.0), (2, 0.5), (3, 0.333)]
+    assert child.info.status == "FINISHED"
+
+
+def test_failed_stage_marks_its_run_failed(repo):
+    with pytest.raises(RuntimeError), tracking.stage_run("boom", repo, "exp", {}) as run:
+        raise RuntimeError("stage crashed")
+    assert MlflowClient(tracking.tracking_uri(repo)).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_logged_model_loads_back_and_predicts(repo):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    example = torch.randn(2, 3, 2, 2)
+    with tracking.stage_run("train_y", repo, "exp", {}) as run:
+        run.log_model(model, "net", example.numpy())
+    loaded = mlflow.pytorch.load_model(f"runs:/{run.run_id}/net")
+    assert torch.allclose(loaded(example), model(example))

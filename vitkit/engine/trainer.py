@@ -1,0 +1,298 @@
+"""The training loop every model stage shares.
+
+A stage supplies the model, the dataset and a ``step_fn(model, batch) -> loss``;
+the engine owns the rest: device placement, bf16 autocast on CUDA,
+channels_last, AdamW + linear warmup + cosine decay per step, gradient
+clipping, a progress bar with loss and images/s, a per-epoch evaluation hook,
+checkpoints every N steps (atomic), resume after a kill, a guard against
+non-finite losses, and DDP when launched by torchrun.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from vitkit.engine.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from vitkit.engine.device import autocast
+from vitkit.engine.distributed import DistInfo, barrier
+from vitkit.engine.sampler import EpochSampler
+from vitkit.errors import TrainingError
+
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+EpochHook = Callable[[dict[str, float]], None]
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    num_workers: int = 0
+    checkpoint_every_steps: int = 50
+    progress: bool = True
+    desc: str = "train"
+    fingerprint: str = ""
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move a (nested) batch to ``device``; 4-d float/uint8 image tensors optionally go channels_last."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device, channels_last) for v in batch)
+    return batch
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter] | list[dict[str, Any]], cfg: TrainerConfig
+) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup from ~0 to the base lr, then cosine decay to 0, stepped per batch."""
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps))
+    if warmup_steps <= 0:
+        return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        step_fn: StepFn,
+        cfg: TrainerConfig,
+        device: torch.device,
+        dist: DistInfo,
+        checkpoint_dir: Path,
+        param_groups: list[dict[str, Any]] | None = None,
+        collate_fn: Callable | None = None,
+        eval_fn: EvalFn | None = None,
+        on_epoch_end: EpochHook | None = None,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+        load_extra_state: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.dist = dist
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.step_fn = step_fn
+        self.eval_fn = eval_fn
+        self.on_epoch_end = on_epoch_end
+        self.extra_state = extra_state
+        self.load_extra_state = load_extra_state
+        self.use_channels_last = cfg.channels_last and device.type == "cuda"
+
+        self.model = model.to(device)
+        if self.use_channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_model: nn.Module = self.model
+        if dist.enabled:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+        self.sampler = EpochSampler(len(dataset), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0,
+            # its own generator: drawing worker seeds must not advance the global RNG, whose state a
+            # mid-epoch checkpoint restores (otherwise a resumed run's augmentations would drift)
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        self.steps_per_epoch = self.sampler.per_rank // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise TrainingError(
+                f"{cfg.desc}: batch_size {cfg.batch_size} is larger than the "
+                f"{self.sampler.per_rank} training "
+                "samples per process; lower the batch size"
+            )
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.optimizer = build_optimizer(param_groups or self.model.parameters(), cfg)
+        warmup_steps = min(self.total_steps // 2, round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps, self.total_steps)
+        self.state = TrainState()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _checkpoint(self, finished: bool) -> dict[str, Any]:
+        ckpt = {
+            "fingerprint": self.cfg.fingerprint,
+            "finished": finished,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.state.epoch,
+            "step_in_epoch": self.state.step_in_epoch,
+            "global_step": self.state.global_step,
+            "history": self.state.history,
+            "rng": rng_state(),
+        }
+        if self.extra_state is not None:
+            ckpt["extra"] = self.extra_state()
+        return ckpt
+
+    def save(self, finished: bool = False) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint_dir, self._checkpoint(finished))
+
+    def try_resume(self) -> bool:
+        """Continue from the last checkpoint when one exists for the same training params."""
+        ckpt = load_checkpoint(self.checkpoint_dir)
+        if ckpt is None or ckpt.get("finished"):
+            return False  # nothing to continue: a finished run's final state is kept only for inspection
+        if ckpt.get("fingerprint") != self.cfg.fingerprint:
+            if self.dist.is_main:
+                print(
+                    f"[{self.cfg.desc}] checkpoint in {self.checkpoint_dir} is from other params; "
+                    "starting fresh"
+                )
+            return False
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state = TrainState(
+            ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], list(ckpt["history"])
+        )
+        set_rng_state(ckpt["rng"])
+        if self.load_extra_state is not None and "extra" in ckpt:
+            self.load_extra_state(ckpt["extra"])
+        if self.dist.is_main:
+            print(
+                f"[{self.cfg.desc}] resuming from {self.checkpoint_dir} at epoch {self.state.epoch + 1}, "
+                f"step {self.state.step_in_epoch}/{self.steps_per_epoch}"
+            )
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        if self.dist.enabled:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            kept = self.checkpoint_dir / "last.pt"
+            where = (
+                f"the last good checkpoint {kept} is kept"
+                if kept.exists()
+                else "no checkpoint was written yet"
+            )
+            raise TrainingError(
+                f"{self.cfg.desc}: loss became {loss.item()} at epoch {self.state.epoch + 1}, step "
+                f"{self.state.step_in_epoch + 1} (global step {self.state.global_step + 1}); {where}. "
+                "Lower the learning rate or enable grad_clip in params.yaml, then run the stage again."
+            )
+
+    def _train_epoch(self) -> dict[str, float]:
+        cfg, state = self.cfg, self.state
+        self.train_model.train()
+        self.sampler.set_epoch(state.epoch, start=state.step_in_epoch * cfg.batch_size)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=state.step_in_epoch,
+            desc=f"{cfg.desc} {state.epoch + 1}/{cfg.epochs}",
+            disable=not (cfg.progress and self.dist.is_main),
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
+        loss_sum = torch.zeros((), device=self.device)
+        steps, images, start = 0, 0, time.perf_counter()
+        for batch in self.loader:
+            batch = to_device(batch, self.device, self.use_channels_last)
+            with autocast(self.device, cfg.amp):
+                loss = self.step_fn(self.train_model, batch)
+            self._check_finite(loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+
+            loss_sum += loss.detach()
+            steps += 1
+            images += cfg.batch_size * self.dist.world_size
+            state.step_in_epoch += 1
+            state.global_step += 1
+            bar.update(1)
+            if steps % 10 == 0 or state.step_in_epoch == self.steps_per_epoch:
+                bar.set_postfix(
+                    loss=f"{loss.item():.4f}", img_s=f"{images / (time.perf_counter() - start):.0f}"
+                )
+            if (
+                state.step_in_epoch % cfg.checkpoint_every_steps == 0
+                and state.step_in_epoch < self.steps_per_epoch
+            ):
+                self.save()
+        bar.close()
+        elapsed = time.perf_counter() - start
+        return {
+            "train_loss": (loss_sum / max(steps, 1)).item(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": images / elapsed if elapsed > 0 else math.nan,
+            "epoch_time_s": elapsed,
+        }
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train to the end (resuming if a checkpoint exists); returns the per-epoch history."""
+        if self.try_resume() and self.on_epoch_end is not None and self.dist.is_main:
+            for row in self.state.history:  # a resumed run reports the epochs it inherited
+                self.on_epoch_end(row)
+        while self.state.epoch < self.cfg.epochs:
+            row: dict[str, float] = {"epoch": self.state.epoch + 1, **self._train_epoch()}
+            if self.eval_fn is not None and self.dist.is_main:
+                row.update(self.eval_fn(self.model))
+            barrier()
+            self.state.history.append(row)
+            self.state.epoch += 1
+            self.state.step_in_epoch = 0
+            self.save()
+            if self.on_epoch_end is not None and self.dist.is_main:
+                self.on_epoch_end(row)
+        self.save(finished=True)
+        return self.state.history

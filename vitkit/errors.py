@@ -1,0 +1,31 @@
+"""User-facing errors.
+
+Every problem a user can fix (bad params, bad data, an unreachable server, a
+diverging loss) is raised as a ``VitkitError`` carrying one message that names
+the file, key or entry at fault and what to do. Stage entry points catch it,
+print the message without a traceback and exit with ``USER_ERROR_EXIT_CODE``;
+the Prefect flow uses that code to tell such failures apart from transient ones
+it may retry.
+"""
+
+USER_ERROR_EXIT_CODE = 2
+
+
+class VitkitError(Exception):
+    """A problem the user can fix; its message says which and how."""
+
+
+class ConfigError(VitkitError):
+    """params.yaml (or a profile) does not match the schema."""
+
+
+class DataError(VitkitError):
+    """An input dataset is missing, corrupt or inconsistent."""
+
+
+class TrackingError(VitkitError):
+    """The MLflow tracking server cannot be used."""
+
+
+class TrainingError(VitkitError):
+    """Training cannot go on (e.g. a non-finite loss)."""
