@@ -1,0 +1,137 @@
+"""Two-view augmentation for contrastive pretraining (MoCo v2 / SimCLR), sized for 32 px images.
+
+The augmentation *is* the pretext task: whatever it changes, the encoder learns
+to ignore. The recipe follows MoCo v2 / SimCLR's CIFAR settings: random resized
+crop (the most important part -- it forces local/global and part/whole
+matching), strong colour jitter + random grayscale (so colour histograms alone
+cannot identify an image), a little blur and horizontal flips. Blur uses a 3x3
+kernel with small sigmas: the ImageNet recipe's 23 px kernel (10% of 224) would
+wipe out a 32 px image, which is why SimCLR drops blur on CIFAR altogether.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+
+@dataclass
+class SSLAugConfig:
+    """Strengths of the two-view augmentation (defaults: MoCo v2 / SimCLR CIFAR recipe)."""
+
+    size: int = 32
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    jitter: float = 0.4  # brightness = contrast = saturation = jitter, hue = jitter / 4
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 1.0)
+    # maps [0, 1] to [-1, 1]; exact dataset statistics matter little since a BN follows conv1
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+def normalize_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """uint8 -> float in [0, 1] -> standardised; works on one image or a batch (N, 3, H, W)."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def build_ssl_transform(cfg: SSLAugConfig) -> v2.Compose:
+    """One random view of a uint8 (3, H, W) image, as a normalised float tensor."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(cfg.size, scale=cfg.crop_scale, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply(
+                [v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter, cfg.jitter / 4)], p=cfg.jitter_p
+            ),
+            v2.RandomGrayscale(p=cfg.grayscale_p),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=cfg.blur_sigma)], p=cfg.blur_p),
+            normalize_transform(cfg.mean, cfg.std),
+        ]
+    )
+
+
+class TwoViews:
+    """Apply ``transform`` twice, independently: the positive pair of contrastive learning.
+
+    Must be applied per image: v2 transforms draw one set of random parameters
+    per call, so a batched call would give every image the same crop.
+    """
+
+    def __init__(self, transform: v2.Transform) -> None:
+        self.transform = transform
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(image), self.transform(image)
+
+
+class TwoViewDataset(Dataset):
+    """Unlabelled uint8 images (N, 3, H, W) held in memory, served as two augmented views."""
+
+    def __init__(self, images: torch.Tensor, two_views: TwoViews) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {images.shape}"
+            )
+        self.images = images
+        self.two_views = two_views
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.two_views(self.images[index])
+
+
+def _display(view: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
+    """Undo the pipeline's final Normalize (if any) so a view can be shown as an image."""
+    steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
+    for step in reversed(steps):
+        if isinstance(step, v2.Compose):
+            return _display(view, step)
+        if isinstance(step, v2.Normalize):
+            mean = torch.tensor(step.mean).view(-1, 1, 1)
+            std = torch.tensor(step.std).view(-1, 1, 1)
+            return (view * std + mean).clamp(0, 1)
+    return view.float().div(255) if view.dtype == torch.uint8 else view.clamp(0, 1)
+
+
+def plot_view_pairs(images: torch.Tensor, two_views: TwoViews, out_png: str | Path, n: int = 8) -> None:
+    """Figure of ``n`` originals (top row) and their two augmented views (rows 2 and 3).
+
+    Written to a temporary file in the destination folder and renamed into place,
+    so an interrupted run never leaves a truncated PNG behind.
+    """
+    n = min(n, images.shape[0])
+    # a bare Figure renders with Agg without touching pyplot's global backend state
+    fig = Figure(figsize=(1.2 * n, 3.8))
+    axes = fig.subplots(3, n, squeeze=False)
+    for col in range(n):
+        views = two_views(images[col])
+        panels = [images[col].float().div(255), *(_display(v, two_views.transform) for v in views)]
+        for row, panel in enumerate(panels):
+            ax = axes[row][col]
+            ax.imshow(panel.permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for row, title in enumerate(["original", "view 1", "view 2"]):
+        axes[row][0].set_ylabel(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=out_png.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, out_png)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,188 @@
+"""DETR: a CNN, a transformer and N object queries decoded in parallel into a set of boxes.
+
+Read top to bottom: the model (``DETR``), its box head (``MLP``), the config
+(``DETRConfig``) and the builders that wire model, matcher and loss from it,
+then the optimizer parameter groups. Follows facebookresearch/detr's
+``models/detr.py``; module names match its checkpoints (see ``checkpoint.py``).
+
+Classes follow DETR's convention: ``num_classes`` is the largest category id
+plus one (category ids are used as class indices directly, so the shapes
+data's ids 1..6 need ``num_classes=7``), and index ``num_classes`` is "no object".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit.errors import ConfigError
+from vitkit.models.detr.backbone import Joiner, NestedTensor, build_backbone
+from vitkit.models.detr.criterion import SetCriterion
+from vitkit.models.detr.matcher import HungarianMatcher
+from vitkit.models.detr.position_encoding import build_position_encoding
+from vitkit.models.detr.transformer import Transformer, build_transformer
+from vitkit.models.resnet import ARCHS, STEMS
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them (DETR's box head: 3 layers)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(
+            nn.Linear(n_in, n_out) for n_in, n_out in zip(dims, [*dims[1:], output_dim], strict=True)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class DETR(nn.Module):
+    def __init__(
+        self,
+        backbone: Joiner,
+        transformer: Transformer,
+        num_classes: int,
+        num_queries: int,
+        aux_loss: bool = True,
+    ):
+        super().__init__()
+        hidden_dim = transformer.d_model
+        self.backbone = backbone
+        self.transformer = transformer
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
+        self.aux_loss = aux_loss
+
+    def forward(self, samples: NestedTensor | Tensor) -> dict:
+        """Predict ``num_queries`` (class, box) pairs per image.
+
+        ``samples``: a ``NestedTensor`` (see ``nested_tensor_from_images``), or a plain
+        (B, 3, H, W) tensor of same-sized images. Returns ``pred_logits`` (B, Q,
+        num_classes + 1), ``pred_boxes`` (B, Q, 4) as (cx, cy, w, h) relative to each
+        image's unpadded size, and, with ``aux_loss``, ``aux_outputs``: the same two
+        for every decoder layer but the last.
+        """
+        if isinstance(samples, Tensor):
+            samples = NestedTensor(
+                samples, samples.new_zeros(samples.shape[0], *samples.shape[2:], dtype=torch.bool)
+            )
+        features, positions = self.backbone(samples)
+        src, mask = features[-1]
+        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, positions[-1])
+        outputs_class = self.class_embed(hs)
+        outputs_coord = self.bbox_embed(hs).sigmoid()
+        out: dict = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [
+                {"pred_logits": logits, "pred_boxes": boxes}
+                for logits, boxes in zip(outputs_class[:-1], outputs_coord[:-1], strict=True)
+            ]
+        return out
+
+
+@dataclass(frozen=True)
+class DETRConfig:
+    """Everything that defines a DETR model and its set loss; defaults are the paper's (R18 trunk)."""
+
+    num_classes: int  # largest category id + 1
+    arch: str = "resnet18"
+    stem: str = "imagenet"  # vitkit.models.resnet.STEMS; "small" puts layer4 at stride 8 instead of 32
+    train_backbone: bool = True
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    pre_norm: bool = False
+    num_queries: int = 100
+    aux_loss: bool = True
+    set_cost_class: float = 1.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    eos_coef: float = 0.1
+    ce_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+
+    def __post_init__(self) -> None:
+        positive = (
+            "num_classes",
+            "hidden_dim",
+            "nheads",
+            "enc_layers",
+            "dec_layers",
+            "dim_feedforward",
+            "num_queries",
+        )
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"detr.{key} must be >= 1, got {getattr(self, key)}")
+        if self.hidden_dim % self.nheads or self.hidden_dim % 2:
+            raise ConfigError(
+                f"detr.hidden_dim ({self.hidden_dim}) must be even and a multiple of "
+                f"detr.nheads ({self.nheads})"
+            )
+        if self.arch not in ARCHS or self.stem not in STEMS:
+            raise ConfigError(
+                f"detr backbone arch {self.arch!r} / stem {self.stem!r} unknown; choose arch from {ARCHS} "
+                f"and stem from {STEMS}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"detr.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.eos_coef <= 1.0:
+            raise ConfigError(f"detr.eos_coef must be in (0, 1], got {self.eos_coef}")
+
+
+def build_detr(cfg: DETRConfig, backbone_state: dict[str, Tensor] | None = None) -> DETR:
+    """The model; ``backbone_state`` is a trunk state dict (SSL or teacher) or None for scratch."""
+    backbone = build_backbone(
+        cfg.arch, backbone_state, ("layer4",), train_backbone=cfg.train_backbone, stem=cfg.stem
+    )
+    joiner = Joiner(backbone, build_position_encoding(cfg.hidden_dim))
+    transformer = build_transformer(
+        cfg.hidden_dim,
+        cfg.nheads,
+        cfg.enc_layers,
+        cfg.dec_layers,
+        cfg.dim_feedforward,
+        cfg.dropout,
+        cfg.pre_norm,
+    )
+    return DETR(joiner, transformer, cfg.num_classes, cfg.num_queries, aux_loss=cfg.aux_loss)
+
+
+def build_criterion(cfg: DETRConfig) -> SetCriterion:
+    """Hungarian matcher + set loss, with one weight per loss term and per auxiliary decoder layer."""
+    matcher = HungarianMatcher(cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou)
+    final_layer = {
+        "loss_ce": cfg.ce_loss_coef,
+        "loss_bbox": cfg.bbox_loss_coef,
+        "loss_giou": cfg.giou_loss_coef,
+    }
+    weight_dict = dict(final_layer)
+    if cfg.aux_loss:
+        weight_dict |= {f"{k}_{i}": v for i in range(cfg.dec_layers - 1) for k, v in final_layer.items()}
+    return SetCriterion(
+        cfg.num_classes, matcher, weight_dict, cfg.eos_coef, losses=("labels", "boxes", "cardinality")
+    )
+
+
+def param_groups(model: nn.Module, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: the CNN at ``lr_backbone`` (DETR: lr / 10) so pretrained features are not wrecked
+    while the randomly initialised transformer catches up; frozen parameters are left out."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in trainable if not n.startswith("backbone.")], "lr": lr},
+        {"params": [p for n, p in trainable if n.startswith("backbone.")], "lr": lr_backbone},
+    ]
+    return [{**group, "weight_decay": weight_decay} for group in groups if group["params"]]
