@@ -58,20 +58,25 @@ def seed_everything(seed: int) -> None:
 
 
 def dvc_stage_hash(repo_root: Path) -> str:
-    """DVC's run-cache key of the stage being run (cmd + deps' hashes + params), when run by DVC."""
+    """The hash DVC's run cache would key this stage by (cmd + deps' hashes + params + out paths).
+
+    Computed with DVC's own functions, also for stages with persistent outputs, which DVC
+    itself leaves out of the run cache.
+    """
     addressing = os.environ.get("DVC_STAGE")
     if not addressing:
         return "not-run-by-dvc"
     try:
         from dvc.repo import Repo
-        from dvc.stage.cache import _get_stage_hash
+        from dvc.stage.cache import _get_cache_hash
+        from dvc.stage.serialize import to_single_stage_lockfile
 
         with Repo(str(repo_root)) as repo:
             stage = repo.stage.collect(addressing)[0]
             stage.save_deps()
-            return _get_stage_hash(stage)
+            return _get_cache_hash(to_single_stage_lockfile(stage), key=True)
     except Exception as exc:  # the tag is informative; never fail a stage over it
-        return f"unavailable ({type(exc).__name__})"
+        return f"unavailable ({type(exc).__name__}: {exc})"
 
 
 def fingerprint(*sections: Any) -> str:

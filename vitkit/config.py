@@ -54,7 +54,7 @@ class EngineParams(Section):
 
 
 class ShapesClassification(Section):
-    train_per_class: PositiveInt = 800
+    train_per_class: PositiveInt = 1000
     val_per_class: PositiveInt = 100
     test_per_class: PositiveInt = 200
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import time
@@ -136,6 +137,9 @@ class StageRun:
 
         import vitkit
 
+        # MLflow warns about pickle on every call; the choice is deliberate (the weights file beside it
+        # is the safe, weights_only copy), so keep the stage logs free of it.
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         mlflow.pytorch.log_model(
             model,
             name=name,

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from vitkit.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from vitkit.engine.sampler import EpochSampler
 from vitkit.engine.trainer import build_scheduler
 
 JOB = Path(__file__).resolve().parent.parent / "engine_job.py"
@@ -53,22 +52,6 @@ def test_scheduler_warms_up_then_decays_to_zero():
     assert abs(max(lrs) - 1.0) < 1e-6
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))  # cosine decay
     assert lrs[-1] < 0.01
-
-
-def test_sampler_splits_ranks_and_resumes_mid_epoch():
-    ranks = [EpochSampler(10, seed=3, rank=r, world_size=3) for r in range(3)]
-    for s in ranks:
-        s.set_epoch(2)
-    seen = [i for s in ranks for i in s]
-    assert sorted(set(seen)) == list(range(10))  # every sample, padded to 12
-    assert len(seen) == 12 and all(len(s) == 4 for s in ranks)
-    single = EpochSampler(10, seed=3)
-    single.set_epoch(2)
-    full = list(single)
-    single.set_epoch(2, start=4)
-    assert list(single) == full[4:]
-    single.set_epoch(3)
-    assert list(single) != full  # a new order each epoch
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from vitkit.data.samplers import EpochSampler
 from vitkit.engine.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -31,7 +32,6 @@ from vitkit.engine.checkpoint import (
 )
 from vitkit.engine.device import autocast
 from vitkit.engine.distributed import DistInfo, barrier
-from vitkit.engine.sampler import EpochSampler
 from vitkit.errors import TrainingError
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -80,9 +80,11 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter] | list[dict[str, Any]], cfg: TrainerConfig
+    params: Iterable[torch.nn.Parameter] | list[dict[str, Any]], cfg: TrainerConfig, device: torch.device
 ) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW; the fused kernel where torch has one (on CPU it makes the step ~4x cheaper)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def build_scheduler(
@@ -133,7 +135,7 @@ class Trainer:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
 
-        self.sampler = EpochSampler(len(dataset), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+        self.sampler = EpochSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed)
         self.loader = DataLoader(
             dataset,
             batch_size=cfg.batch_size,
@@ -147,15 +149,15 @@ class Trainer:
             # mid-epoch checkpoint restores (otherwise a resumed run's augmentations would drift)
             generator=torch.Generator().manual_seed(cfg.seed),
         )
-        self.steps_per_epoch = self.sampler.per_rank // cfg.batch_size
+        self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise TrainingError(
                 f"{cfg.desc}: batch_size {cfg.batch_size} is larger than the "
-                f"{self.sampler.per_rank} training "
+                f"{self.sampler.num_samples} training "
                 "samples per process; lower the batch size"
             )
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.optimizer = build_optimizer(param_groups or self.model.parameters(), cfg)
+        self.optimizer = build_optimizer(param_groups or self.model.parameters(), cfg, device)
         warmup_steps = min(self.total_steps // 2, round(cfg.warmup_epochs * self.steps_per_epoch))
         self.scheduler = build_scheduler(self.optimizer, warmup_steps, self.total_steps)
         self.state = TrainState()
@@ -231,7 +233,7 @@ class Trainer:
     def _train_epoch(self) -> dict[str, float]:
         cfg, state = self.cfg, self.state
         self.train_model.train()
-        self.sampler.set_epoch(state.epoch, start=state.step_in_epoch * cfg.batch_size)
+        self.sampler.set_epoch(state.epoch, start_index=state.step_in_epoch * cfg.batch_size)
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=state.step_in_epoch,
