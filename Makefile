@@ -17,8 +17,8 @@ export DO_NOT_TRACK := true
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
-		| grep -v "^WARNING: Location" || true
+	set -o pipefail; $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' \
+		2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(BIN)/python -c "import torch, torchvision, vitkit"
 	touch $@
 
