@@ -1,0 +1,32 @@
+"""The Prefect flow's view of dvc.yaml and its retry policy (no server needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prefect.states import Failed
+
+from flows.pipeline import StageFailed, StageInputError, _is_transient, _with_upstream, read_dag
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_dag_comes_from_dvc_yaml():
+    dag = read_dag(ROOT)
+    assert dag["prepare"] == []
+    assert dag["train_teacher"] == ["prepare"]
+    assert set(dag["evaluate"]) >= {"prepare", "train_teacher"}
+
+
+def test_selecting_a_stage_brings_what_it_needs_in_order():
+    dag = {"a": [], "b": ["a"], "c": ["a"], "d": ["b"]}
+    assert _with_upstream(dag, ["d"]) == ["a", "b", "d"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        _with_upstream(dag, ["x"])
+
+
+def test_bad_input_is_not_retried_but_other_failures_are():
+    """Prefect calls the retry condition with the failed state of a task."""
+    assert not _is_transient(None, None, Failed(data=StageInputError("error: [prepare] bad params")))
+    assert _is_transient(None, None, Failed(data=StageFailed("killed")))
