@@ -23,16 +23,13 @@ layer2..4 + one extra level, 256 wide, 8 heads, 6+6 layers, 4 points, 300 querie
 
 from __future__ import annotations
 
-import argparse
 import math
-import pickle
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from vitkit.errors import ConfigError
 from vitkit.models.deformable.deformable_detr import PRIOR_PROB, DeformableDETR
+from vitkit.models.detr.checkpoint import load_matching_state, read_release_state
 
 
 def _is_class_head(key: str) -> bool:
@@ -55,23 +52,7 @@ def load_deformable_detr_checkpoint(model: DeformableDETR, path: str | Path) -> 
     stores its arguments in every checkpoint.
     """
     path = Path(path)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise ConfigError(
-            f"Deformable DETR checkpoint {path} does not exist; check the checkpoint path param"
-        ) from err
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ConfigError(
-            f"Deformable DETR checkpoint {path} is not a readable torch checkpoint ({err}); re-save it"
-        ) from err
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        raise ConfigError(
-            f"Deformable DETR checkpoint {path} has no 'model' state dict; expected {{'model': state_dict}}"
-        )
-
-    state = dict(checkpoint["model"])
+    state = read_release_state(path, "Deformable DETR")
     own = model.state_dict()
     reinitialised: list[str] = []
     theirs = state.get("class_embed.0.weight")
@@ -79,21 +60,13 @@ def load_deformable_detr_checkpoint(model: DeformableDETR, path: str | Path) -> 
         reinitialised = sorted(key for key in own if _is_class_head(key))
         state = {key: value for key, value in state.items() if not _is_class_head(key)}
         _reset_class_heads(model)
-
-    for key, value in state.items():
-        if key in own and value.shape != own[key].shape:
-            raise ConfigError(
-                f"Deformable DETR checkpoint {path}: {key} has shape {tuple(value.shape)} but the model's is "
-                f"{tuple(own[key].shape)}; configure the model like the checkpoint (arch, stem, "
-                "return_layers, num_feature_levels, hidden_dim, nheads, enc/dec_n_points, dim_feedforward, "
-                "num_queries)"
-            )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [key for key in missing if key not in reinitialised]
-    if missing or unexpected:
-        raise ConfigError(
-            f"Deformable DETR checkpoint {path} does not fit the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; configure the model like the checkpoint (enc_layers, dec_layers, "
-            "num_feature_levels, with_box_refine, two_stage)"
-        )
+    load_matching_state(
+        model,
+        state,
+        reinitialised,
+        f"Deformable DETR checkpoint {path}",
+        shape_hint="arch, stem, return_layers, num_feature_levels, hidden_dim, nheads, enc/dec_n_points, "
+        "dim_feedforward, num_queries",
+        structure_hint="enc_layers, dec_layers, num_feature_levels, with_box_refine, two_stage",
+    )
     return reinitialised

@@ -39,21 +39,7 @@ def load_detr_checkpoint(model: DETR, path: str | Path) -> list[str]:
     too because DETR's ``main.py`` stores its arguments in every checkpoint.
     """
     path = Path(path)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise ConfigError(f"DETR checkpoint {path} does not exist; check the checkpoint path param") from err
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ConfigError(
-            f"DETR checkpoint {path} is not a readable torch checkpoint ({err}); re-save it"
-        ) from err
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        raise ConfigError(
-            f"DETR checkpoint {path} has no 'model' state dict; expected {{'model': state_dict}}"
-        )
-
-    state = dict(checkpoint["model"])
+    state = read_release_state(path, "DETR")
     own = model.state_dict()
     reinitialised: list[str] = []
     if (
@@ -64,20 +50,62 @@ def load_detr_checkpoint(model: DETR, path: str | Path) -> list[str]:
             state.pop(key, None)
         model.class_embed.reset_parameters()
         reinitialised = list(CLASS_HEAD_KEYS)
+    load_matching_state(
+        model,
+        state,
+        reinitialised,
+        f"DETR checkpoint {path}",
+        shape_hint="arch, stem, hidden_dim, dim_feedforward, num_queries",
+        structure_hint="arch, enc_layers, dec_layers, pre_norm",
+    )
+    return reinitialised
 
+
+def read_release_state(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """The ``"model"`` state dict of a release checkpoint, read with ``weights_only=True``.
+
+    ``argparse.Namespace`` is allowed because the official ``main.py`` of DETR and of
+    Deformable DETR stores its arguments in every checkpoint.
+    """
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise ConfigError(
+            f"{name} checkpoint {path} does not exist; check the checkpoint path param"
+        ) from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ConfigError(
+            f"{name} checkpoint {path} is not a readable torch checkpoint ({err}); re-save it"
+        ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise ConfigError(
+            f"{name} checkpoint {path} has no 'model' state dict; expected {{'model': state_dict}}"
+        )
+    return dict(checkpoint["model"])
+
+
+def load_matching_state(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    reinitialised: list[str],
+    what: str,
+    shape_hint: str,
+    structure_hint: str,
+) -> None:
+    """Load ``state`` into ``model``; any key of another shape, or missing beyond ``reinitialised``,
+    or unexpected, is a ``ConfigError`` naming the key and the config fields to check."""
+    own = model.state_dict()
     for key, value in state.items():
         if key in own and value.shape != own[key].shape:
             raise ConfigError(
-                f"DETR checkpoint {path}: {key} has shape {tuple(value.shape)} but the model's is "
-                f"{tuple(own[key].shape)}; configure the model like the checkpoint (arch, stem, "
-                "hidden_dim, dim_feedforward, num_queries)"
+                f"{what}: {key} has shape {tuple(value.shape)} but the model's is "
+                f"{tuple(own[key].shape)}; configure the model like the checkpoint ({shape_hint})"
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [key for key in missing if key not in reinitialised]
     if missing or unexpected:
         raise ConfigError(
-            f"DETR checkpoint {path} does not fit the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; configure the model like the checkpoint "
-            "(arch, enc_layers, dec_layers, pre_norm)"
+            f"{what} does not fit the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; configure the model like the checkpoint ({structure_hint})"
         )
-    return reinitialised
