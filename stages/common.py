@@ -85,6 +85,17 @@ def fingerprint(*sections: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def file_digest(path: Path | None) -> str:
+    """sha256 of a file (e.g. the weights a model starts from); empty for None."""
+    if path is None:
+        return ""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _relaunch_under_torchrun(module: str, nproc: int, argv: list[str]) -> int:
     import subprocess
 

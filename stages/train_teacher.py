@@ -1,7 +1,9 @@
 """train_teacher: the supervised CNN teacher (a torchvision ResNet, ``backbone`` params).
 
-Trains on ``data/classification/train`` (optionally a stratified fraction of
-its labels) with transforms v2 augmentation through the shared engine, checks
+Starts from the self-supervised backbone of ``pretrain_ssl`` (``teacher.init:
+ssl``) or from random weights (``scratch``), trains on
+``data/classification/train`` (optionally a stratified fraction of its labels,
+``teacher.label_fraction``) with transforms v2 augmentation through the shared engine, checks
 validation top-1 every epoch, and writes ``artifacts/teacher/model.pt``.
 Checkpoints go to ``checkpoints/teacher`` (a persistent DVC output): a killed
 run resumes from there. Run with ``engine.nproc > 1`` to train under torchrun (DDP).
@@ -10,20 +12,22 @@ run resumes from there. Run with ``engine.nproc > 1`` to train under torchrun (D
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.common import StageContext, fingerprint, stage_main
+from stages.common import StageContext, file_digest, fingerprint, stage_main
 from vitkit.data.datasets import TensorImageDataset, load_imagefolder_tensors
 from vitkit.data.transforms import eval_transform, train_transform
-from vitkit.engine.checkpoint import save_weights
+from vitkit.engine.checkpoint import load_weights, save_weights
 from vitkit.engine.trainer import Trainer, TrainerConfig
+from vitkit.errors import ConfigError
 from vitkit.evaluation.classification import plot_history, predict_logits, topk_accuracy
 from vitkit.io import atomic_path, write_json
-from vitkit.models.resnet import build_resnet
+from vitkit.models.resnet import build_resnet, load_backbone
 
 
 def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -39,6 +43,20 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch
     return torch.cat(keep).sort().values
 
 
+def load_ssl_backbone(model: nn.Module, weights: Path) -> None:
+    """Initialise ``model``'s trunk from pretrain_ssl's backbone; a mismatched arch/stem is a ConfigError."""
+    if not weights.is_file():
+        raise ConfigError(f"teacher.init is 'ssl' but {weights} does not exist; run pretrain_ssl first")
+    state, meta = load_weights(weights)
+    try:
+        load_backbone(model, state)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{weights} (a {meta.get('arch')}/{meta.get('stem')} backbone) does not fit the backbone params: "
+            f"{exc}. Rerun pretrain_ssl with the same backbone params, or set teacher.init: scratch"
+        ) from None
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     p, engine = ctx.params.teacher, ctx.params.engine
     data_dir = ctx.path("data/classification")
@@ -50,6 +68,10 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     backbone = ctx.params.backbone
     model = build_resnet(backbone.arch, num_classes=len(classes), stem=backbone.stem)
+    init_from = None
+    if p.init == "ssl":
+        init_from = ctx.path("artifacts/ssl/backbone.pt")
+        load_ssl_backbone(model, init_from)
     label_smoothing = p.label_smoothing
 
     def step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -74,7 +96,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         checkpoint_every_steps=engine.checkpoint_every_steps,
         progress=engine.progress,
         desc="teacher",
-        fingerprint=fingerprint(p, backbone, ctx.params.seed, len(dataset)),
+        # a checkpoint resumes only the same run: same params, data size and starting weights
+        fingerprint=fingerprint(p, backbone, ctx.params.seed, len(dataset), file_digest(init_from)),
     )
     trainer = Trainer(
         model,
@@ -91,7 +114,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     if not ctx.dist.is_main:
         return {}
 
-    meta = {"arch": backbone.arch, "stem": backbone.stem, "classes": classes, "image_size": image_size}
+    meta = {
+        "arch": backbone.arch,
+        "stem": backbone.stem,
+        "classes": classes,
+        "image_size": image_size,
+        "init": p.init,
+    }
     weights = ctx.path("artifacts/teacher/model.pt")
     save_weights(weights, trainer.model.state_dict(), meta)
     history_csv = ctx.path("plots/teacher/history.csv")

@@ -153,7 +153,56 @@ class BackboneParams(Section):
     stem: Literal["imagenet", "small"] = "imagenet"
 
 
+class SSLAugmentation(Section):
+    """Strengths of the two-view augmentation (see vitkit/data/ssl_transforms.py)."""
+
+    crop_scale: tuple[Fraction, Fraction] = (0.2, 1.0)
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.4
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    jitter_p: Annotated[float, Field(ge=0, le=1)] = 0.8
+    grayscale_p: Annotated[float, Field(ge=0, le=1)] = 0.2
+    blur_p: Annotated[float, Field(ge=0, le=1)] = 0.2
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SSLAugmentation:
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale must be [min, max] with min <= max, got {list(self.crop_scale)}")
+        return self
+
+
+class KnnMonitorParams(Section):
+    """Weighted kNN on the labelled classification split, run every ``every_epochs`` epochs."""
+
+    k: PositiveInt = 200
+    temperature: PositiveFloat = 0.1
+    every_epochs: PositiveInt = 1
+
+
+class SSLParams(OptimParams):
+    """Contrastive pretraining of the backbone on the unlabelled pool (stage pretrain_ssl)."""
+
+    method: Literal["mocov2", "simclr"] = "mocov2"
+    temperature: PositiveFloat = 0.2
+    proj_dim: PositiveInt = 128
+    hidden_dim: PositiveInt = 512
+    queue_size: PositiveInt = 4096  # MoCo v2: negatives kept from past batches
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99  # MoCo v2: key encoder EMA
+    bn_splits: PositiveInt = 8  # MoCo v2: split batch norm, the single-device shuffle BN
+    augmentation: SSLAugmentation = SSLAugmentation()
+    knn: KnnMonitorParams = KnnMonitorParams()
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> SSLParams:
+        if self.method == "mocov2" and self.queue_size < self.batch_size:
+            raise ValueError(
+                f"queue_size ({self.queue_size}) must be >= batch_size ({self.batch_size}): "
+                "MoCo's queue keeps the negatives of at least one whole batch"
+            )
+        return self
+
+
 class TeacherParams(OptimParams):
+    init: Literal["ssl", "scratch"] = "ssl"  # ssl: start from pretrain_ssl's backbone
     label_fraction: Fraction = 1.0
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
@@ -171,6 +220,7 @@ class Params(Section):
     engine: EngineParams = EngineParams()
     data: DataParams = DataParams()
     backbone: BackboneParams = BackboneParams()
+    ssl: SSLParams
     teacher: TeacherParams
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()

@@ -52,11 +52,14 @@ def assert_one_clear_error(result, *needles: str) -> None:
         ("teacher", {"epochs": "many"}, "teacher.epochs: Input should be a valid integer"),
         ("teacher", {"momentum": 0.9}, "teacher.momentum: unknown key"),
         ("teacher", {"lr": 0}, "teacher.lr: Input should be greater than 0"),
+        ("ssl", {"queue_size": 16}, "queue_size (16) must be >= batch_size (32)"),
+        ("ssl", {"temperature": 0}, "ssl.temperature: Input should be greater than 0"),
+        ("ssl", {"method": "byol"}, "ssl.method: Input should be 'mocov2' or 'simclr'"),
     ],
 )
 def test_bad_params_stop_every_stage_before_it_writes(built_repo, tmp_path, section, override, needle):
     before = snapshot(built_repo)
-    for name in ("prepare", "train_teacher", "evaluate"):
+    for name in ("prepare", "pretrain_ssl", "train_teacher", "evaluate"):
         result = stage(built_repo, name, smoke_params(**{section: override}), tmp=tmp_path)
         assert_one_clear_error(result, "bad-params.yaml", needle)
     assert snapshot(built_repo) == before

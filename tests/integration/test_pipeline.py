@@ -34,6 +34,11 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     assert 0.0 <= evaluate["teacher"]["top1"] <= 1.0
     assert (repro_repo / "plots/evaluate/teacher_confusion.png").stat().st_size > 0
     assert (repro_repo / "plots/prepare/samples.png").stat().st_size > 0
+    for backbone in ("ssl", "random_init"):
+        assert set(evaluate["ssl"][backbone]) == {"knn_top1", "linear_probe_top1"}
+    ssl = json.loads((repro_repo / "metrics/ssl.json").read_text())
+    assert ssl["train_images"] == 64 and 0.0 <= ssl["knn_top1"] <= 1.0
+    assert (repro_repo / "plots/ssl/view_pairs.png").stat().st_size > 0
 
     second = run(["dvc", "repro"], repro_repo)
     assert second.returncode == 0
@@ -53,7 +58,7 @@ def test_ddp_teacher_with_two_cpu_processes_matches_one(tmp_path):
     results = {}
     for nproc in (1, 2):
         # the same global batch: 1 process x 64 or 2 processes x 32
-        teacher = {"epochs": 8, "lr": 0.003, "batch_size": 64 // nproc}
+        teacher = {"epochs": 8, "lr": 0.003, "batch_size": 64 // nproc, "init": "scratch"}
         params = smoke_params(data=data, engine={"nproc": nproc, "threads": 1}, teacher=teacher)
         params_file = tmp_path / f"params-{nproc}.yaml"
         params_file.write_text(yaml.safe_dump(params))

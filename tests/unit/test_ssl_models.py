@@ -202,7 +202,7 @@ def test_split_batchnorm_uses_fewer_splits_for_a_tiny_batch() -> None:
 # ---- backbone export -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["moco", "simclr"])
+@pytest.mark.parametrize("method", ["mocov2", "simclr"])
 def test_backbone_gives_pooled_features_and_loads_into_a_plain_resnet(method: str) -> None:
     model = build_ssl_model(SSLConfig(method=method, queue_size=16, hidden_dim=32, proj_dim=8, bn_splits=2))
     model.train()
@@ -230,7 +230,7 @@ def _loss_on_fixed_batch(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -
     return float(out[0] if isinstance(out, tuple) else out)
 
 
-@pytest.mark.parametrize("method", ["moco", "simclr"])
+@pytest.mark.parametrize("method", ["mocov2", "simclr"])
 def test_sgd_steps_on_a_fixed_batch_lower_the_loss(method: str) -> None:
     torch.manual_seed(0)
     model = build_ssl_model(SSLConfig(method=method, queue_size=32, hidden_dim=64, proj_dim=16, bn_splits=2))

@@ -28,7 +28,8 @@ class SSLAugConfig:
 
     size: int = 32
     crop_scale: tuple[float, float] = (0.2, 1.0)
-    jitter: float = 0.4  # brightness = contrast = saturation = jitter, hue = jitter / 4
+    jitter: float = 0.4  # brightness = contrast = saturation
+    hue: float = 0.1
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_p: float = 0.2
@@ -49,9 +50,7 @@ def build_ssl_transform(cfg: SSLAugConfig) -> v2.Compose:
         [
             v2.RandomResizedCrop(cfg.size, scale=cfg.crop_scale, antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.RandomApply(
-                [v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter, cfg.jitter / 4)], p=cfg.jitter_p
-            ),
+            v2.RandomApply([v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter, cfg.hue)], p=cfg.jitter_p),
             v2.RandomGrayscale(p=cfg.grayscale_p),
             v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=cfg.blur_sigma)], p=cfg.blur_p),
             normalize_transform(cfg.mean, cfg.std),

@@ -99,7 +99,8 @@ def plot_history(history: pd.DataFrame, columns: Sequence[str], title: str, out_
     columns = [c for c in columns if c in history]
     fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3), squeeze=False)
     for ax, column in zip(axes[0], columns, strict=True):
-        ax.plot(history["epoch"], history[column], marker="o")
+        measured = history[["epoch", column]].dropna()  # e.g. a monitor that runs every k epochs
+        ax.plot(measured["epoch"], measured[column], marker="o")
         ax.set_xlabel("epoch")
         ax.set_title(column)
         ax.grid(alpha=0.3)

@@ -299,7 +299,7 @@ class MoCo(nn.Module):
 class SSLConfig:
     """Hyper-parameters of the SSL model; the trunk (arch, stem) and the optimiser live elsewhere."""
 
-    method: Literal["moco", "simclr"] = "moco"
+    method: Literal["mocov2", "simclr"] = "mocov2"
     proj_dim: int = 128
     hidden_dim: int = 512
     temperature: float = 0.2
@@ -316,7 +316,7 @@ def build_ssl_model(cfg: SSLConfig, arch: str = "resnet18", stem: str = "imagene
 
     if cfg.method == "simclr":
         return SimCLR(backbone(), cfg.proj_dim, cfg.hidden_dim, cfg.temperature)
-    if cfg.method == "moco":
+    if cfg.method == "mocov2":
         return MoCo(
             backbone,
             cfg.proj_dim,
@@ -326,4 +326,4 @@ def build_ssl_model(cfg: SSLConfig, arch: str = "resnet18", stem: str = "imagene
             cfg.temperature,
             cfg.bn_splits,
         )
-    raise ValueError(f"unknown SSL method {cfg.method!r}; choose 'moco' or 'simclr'")
+    raise ValueError(f"unknown SSL method {cfg.method!r}; choose 'mocov2' or 'simclr'")

@@ -1,0 +1,150 @@
+"""SSL training throughput: MoCo v2 and SimCLR steps against a plain two-view step of the same backbone.
+
+The reference is the least any two-view method must do: the ResNet trunk
+forward + backward on both views (2N images) with a trivial loss, and an
+AdamW step. SimCLR adds the projection head and NT-Xent; MoCo v2 runs
+backward on one view only but adds the key encoder's forward, its momentum
+update, the queue and split batch norm. All three train on the same
+pre-augmented batches (augmentation is the same for all and excluded), alternate
+in the same process, and the medians are compared. Peak memory: CUDA's
+allocator peak on GPU; on CPU the max-RSS growth over the training steps, measured
+once per method in a fresh process (max RSS never goes down within a process).
+
+    python benchmarks/bench_ssl.py --steps 10 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vitkit.data.datasets import load_image_dir_tensors
+from vitkit.data.shapes import SHAPE_CLASSES, generate_unlabeled
+from vitkit.data.ssl_transforms import SSLAugConfig, TwoViews, build_ssl_transform
+from vitkit.engine.device import select_device
+from vitkit.models.resnet import build_resnet
+from vitkit.models.ssl import SSLConfig, build_ssl_model
+
+
+def make_views(batch_size: int, steps: int, image_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches of two augmented views of synthetic shapes images."""
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_unlabeled(Path(tmp), SHAPE_CLASSES, batch_size, image_size, seed=0)
+        images = load_image_dir_tensors(Path(tmp) / "images")
+    two_views = TwoViews(build_ssl_transform(SSLAugConfig(size=image_size)))
+    batches = []
+    for _ in range(steps):
+        pairs = [two_views(image) for image in images]
+        batches.append((torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])))
+    return batches
+
+
+class PlainTwoView(torch.nn.Module):
+    """The reference: the bare trunk on both views, mean of the features as the loss."""
+
+    def __init__(self, arch: str, stem: str) -> None:
+        super().__init__()
+        self.trunk = build_resnet(arch, num_classes=1, stem=stem)
+        self.trunk.fc = torch.nn.Identity()
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.trunk(torch.cat([x1, x2])).square().mean()
+
+
+def measure(model: torch.nn.Module, batches, device: torch.device) -> tuple[float, float]:
+    """Images/s over ``batches`` (after one warm-up step) and peak memory growth in MiB."""
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
+    batches = [(x1.to(device), x2.to(device)) for x1, x2 in batches]
+
+    def step(x1: torch.Tensor, x2: torch.Tensor) -> None:
+        out = model(x1, x2)
+        loss = out[0] if isinstance(out, tuple) else out
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(*batches[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for x1, x2 in batches:
+        step(x1, x2)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    return len(batches) * batches[0][0].shape[0] / (time.perf_counter() - start), peak
+
+
+def build(name: str, arch: str, stem: str) -> torch.nn.Module:
+    if name == "plain two-view":
+        return PlainTwoView(arch, stem)
+    return build_ssl_model(SSLConfig(method=name), arch, stem)
+
+
+def _peak_memory_worker(name: str, args: argparse.Namespace, batches, queue) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    queue.put(measure(build(name, args.arch, args.stem), batches, select_device(args.device))[1])
+
+
+def peak_memory_in_fresh_process(name: str, args: argparse.Namespace, batches) -> float:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_peak_memory_worker, args=(name, args, batches, queue))
+    process.start()
+    peak = queue.get()
+    process.join()
+    return peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--stem", default="imagenet", choices=["imagenet", "small"])
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="training steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    batches = make_views(args.batch_size, args.steps, args.image_size)
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, {args.arch}/{args.stem}, "
+        f"{args.image_size}px, batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats"
+    )
+    names = ("plain two-view", "simclr", "mocov2")
+    speed: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(args.repeats):
+        for name in names:
+            torch.manual_seed(repeat)
+            speed[name].append(measure(build(name, args.arch, args.stem), batches, device)[0])
+        print(f"  repeat {repeat + 1}: " + ", ".join(f"{n} {s[-1]:.1f} img/s" for n, s in speed.items()))
+    reference = statistics.median(speed["plain two-view"])
+    for name in names:
+        median = statistics.median(speed[name])
+        peak = peak_memory_in_fresh_process(name, args, batches)
+        print(
+            f"median {name:>14}: {median:7.1f} img/s ({median / reference:.3f}x plain two-view), "
+            f"peak memory {peak:.0f} MiB"
+        )
+    print("target: each method >= 0.9x the plain two-view step")
+
+
+if __name__ == "__main__":
+    main()
