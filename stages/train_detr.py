@@ -37,12 +37,14 @@ from vitkit.models.deformable import (
     build_deformable_criterion,
     build_deformable_detr,
     deformable_param_groups,
+    load_deformable_detr_checkpoint,
 )
 from vitkit.models.detr import (
     DETRConfig,
     PostProcess,
     build_criterion,
     build_detr,
+    load_detr_checkpoint,
     nested_tensor_from_images,
     param_groups,
 )
@@ -132,7 +134,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     if not category_ids or min(category_ids) < 0:
         raise DataError(f"{data_dir / 'train/annotations.json'}: categories need non-negative integer ids")
     cfg = model_config(arch, ctx.params, num_classes=max(category_ids) + 1)
-    model = build_model(cfg, backbone_init(ctx))
+    if p.release_checkpoint:
+        # the release holds every weight, backbone included; only the class head starts fresh
+        model = build_model(cfg, None)
+        load = load_detr_checkpoint if arch == "detr" else load_deformable_detr_checkpoint
+        fresh = load(model, ctx.path(p.release_checkpoint))
+        print(f"[{ctx.name}] loaded {p.release_checkpoint}; re-initialised: {', '.join(fresh) or 'nothing'}")
+    else:
+        model = build_model(cfg, backbone_init(ctx))
     if arch == "detr":
         criterion = build_criterion(cfg)
         groups = param_groups(model, p.lr, p.lr_backbone, p.weight_decay)

@@ -165,6 +165,9 @@ class DetrTrainingParams(OptimParams):
     """Training shared by both ``train_detr`` variants (DETR's recipe), so they race on equal terms."""
 
     init: Literal["ssl", "teacher", "scratch"] = "teacher"  # backbone weights: pretrain_ssl, train_teacher
+    # a whole-model checkpoint in the official release layout (facebookresearch/detr or
+    # fundamentalvision/Deformable-DETR) to fine-tune from; the class head is re-initialised
+    release_checkpoint: str | None = None
     freeze_backbone: bool = True  # train the transformer only (~2x faster on CPU)
     lr_backbone: NonNegFloat = 1e-5  # DETR: lr / 10; unused when the backbone is frozen
     train_scales: list[Annotated[int, Field(ge=32, le=2048)]] = Field(default=[128], min_length=1)
