@@ -34,6 +34,12 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     assert 0.0 <= evaluate["teacher"]["top1"] <= 1.0
     assert (repro_repo / "plots/evaluate/teacher_confusion.png").stat().st_size > 0
     assert (repro_repo / "plots/prepare/samples.png").stat().st_size > 0
+    for arch in ("detr", "deformable"):
+        assert 0.0 <= evaluate["detection"][arch]["AP"] <= 1.0
+        assert (repro_repo / f"plots/detr/{arch}/history.csv").read_text().startswith("epoch,train_time_s,")
+        results = json.loads((repro_repo / f"artifacts/evaluate/{arch}_test_results.json").read_text())
+        assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
+    assert (repro_repo / "plots/evaluate/detection_comparison.png").stat().st_size > 0
 
     second = run(["dvc", "repro"], repro_repo)
     assert second.returncode == 0
