@@ -63,8 +63,8 @@ def model_config(arch: str, params: Params, num_classes: int) -> DETRConfig | De
         "train_backbone": not params.detr_training.freeze_backbone,
     }
     if arch == "detr":
-        return DETRConfig(**common, **params.detr.model_dump())
-    knobs = params.deformable.model_dump(exclude={"lr_linear_proj_mult"})
+        return DETRConfig(**common, **params.detr.model_dump(exclude={"lr"}))
+    knobs = params.deformable.model_dump(exclude={"lr", "lr_linear_proj_mult"})
     return DeformableDETRConfig(**common, **{**knobs, "return_layers": tuple(knobs["return_layers"])})
 
 
@@ -142,13 +142,14 @@ def run(ctx: StageContext) -> dict[str, float]:
         print(f"[{ctx.name}] loaded {p.release_checkpoint}; re-initialised: {', '.join(fresh) or 'nothing'}")
     else:
         model = build_model(cfg, backbone_init(ctx))
+    lr = getattr(ctx.params, arch).lr or p.lr
     if arch == "detr":
         criterion = build_criterion(cfg)
-        groups = param_groups(model, p.lr, p.lr_backbone, p.weight_decay)
+        groups = param_groups(model, lr, p.lr_backbone, p.weight_decay)
     else:
         criterion = build_deformable_criterion(cfg)
         groups = deformable_param_groups(
-            model, p.lr, p.lr_backbone, p.weight_decay, ctx.params.deformable.lr_linear_proj_mult
+            model, lr, p.lr_backbone, p.weight_decay, ctx.params.deformable.lr_linear_proj_mult
         )
     criterion.to(ctx.device)
     post = postprocessor(arch, p.top_k, p.score_threshold)
@@ -167,7 +168,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     trainer_cfg = TrainerConfig(
         epochs=p.epochs,
         batch_size=p.batch_size,
-        lr=p.lr,
+        lr=lr,
         weight_decay=p.weight_decay,
         warmup_epochs=p.warmup_epochs,
         grad_clip=p.grad_clip,
@@ -178,7 +179,9 @@ def run(ctx: StageContext) -> dict[str, float]:
         checkpoint_every_steps=engine.checkpoint_every_steps,
         progress=engine.progress,
         desc=ctx.name,
-        fingerprint=fingerprint(p, dataclasses.asdict(cfg), ctx.params.seed, len(train)),
+        fingerprint=fingerprint(
+            p, getattr(ctx.params, arch), dataclasses.asdict(cfg), ctx.params.seed, len(train)
+        ),
     )
     trainer = Trainer(
         model,

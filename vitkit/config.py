@@ -181,6 +181,7 @@ class DetrTrainingParams(OptimParams):
 class DetrModelParams(Section):
     """DETR's model knobs (``vitkit.models.detr.DETRConfig``)."""
 
+    lr: PositiveFloat | None = None  # this arch's lr, else detr_training.lr (official recipe: 1e-4)
     return_layer: ResNetStage = "layer4"
     hidden_dim: PositiveInt = 256
     nheads: PositiveInt = 8
@@ -203,6 +204,7 @@ class DetrModelParams(Section):
 class DeformableModelParams(Section):
     """Deformable DETR's model knobs (``vitkit.models.deformable.DeformableDETRConfig``)."""
 
+    lr: PositiveFloat | None = None  # this arch's lr, else detr_training.lr (official recipe: 2e-4)
     return_layers: list[ResNetStage] = Field(default=["layer2", "layer3", "layer4"], min_length=1)
     num_feature_levels: PositiveInt = 4  # levels beyond return_layers: stride-2 convs on the last
     hidden_dim: Annotated[int, Field(gt=0, multiple_of=32)] = 256  # GroupNorm(32) on the inputs

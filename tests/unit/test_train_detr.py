@@ -68,7 +68,7 @@ def test_params_become_the_library_configs_of_each_arch():
     ("section", "values", "needle"),
     [
         ("deformable", {"hidden_dim": 48}, "deformable.hidden_dim: Input should be a multiple of 32"),
-        ("deformable", {"two_stage": True}, "two_stage needs with_box_refine"),
+        ("deformable", {"two_stage": True, "with_box_refine": False}, "two_stage needs with_box_refine"),
         (
             "deformable",
             {"return_layers": ["layer2", "layer3"], "num_feature_levels": 1},
