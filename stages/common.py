@@ -16,7 +16,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ class StageContext:
     device: torch.device
     dist: DistInfo
     run: tracking.StageRun | NullRun
+    variant: str | None = None  # the foreach item of a stage with variants (``train_detr@deformable``)
 
     def path(self, relative: str) -> Path:
         return self.repo_root / relative
@@ -119,11 +120,21 @@ def stage_main(
     run: Callable[[StageContext], Mapping[str, float]],
     distributed: bool = False,
     argv: list[str] | None = None,
+    variants: Sequence[str] | None = None,
 ) -> int:
-    """Parse args, validate params, set up device/DDP/MLflow and run the stage. Returns the exit code."""
+    """Parse args, validate params, set up device/DDP/MLflow and run the stage. Returns the exit code.
+
+    ``variants``: a stage DVC runs once per item (``foreach``) takes the item as a positional
+    argument, gets it as ``ctx.variant`` and is tracked in MLflow under DVC's name for it,
+    ``<name>@<variant>``.
+    """
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    if variants:
+        parser.add_argument("variant", choices=list(variants), help="which variant of the stage to run")
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     args = parser.parse_args(argv)
+    variant: str | None = getattr(args, "variant", None)
+    label = f"{name}@{variant}" if variant else name
     argv = sys.argv[1:] if argv is None else argv
     repo_root = Path.cwd()
     started = time.perf_counter()
@@ -139,7 +150,7 @@ def stage_main(
         dist = init_distributed(device) if distributed else DistInfo()
         try:
             if not dist.is_main:
-                metrics = run(StageContext(name, params, repo_root, device, dist, NullRun()))
+                metrics = run(StageContext(label, params, repo_root, device, dist, NullRun(), variant))
             else:
                 tags = {
                     "vitkit.dvc_stage_hash": dvc_stage_hash(repo_root),
@@ -147,18 +158,18 @@ def stage_main(
                     "vitkit.world_size": str(dist.world_size),
                 }
                 flat = flatten(params.model_dump(mode="json"))
-                with tracking.stage_run(name, repo_root, params.mlflow.experiment, flat, tags) as stage_run:
-                    metrics = run(StageContext(name, params, repo_root, device, dist, stage_run))
+                with tracking.stage_run(label, repo_root, params.mlflow.experiment, flat, tags) as stage_run:
+                    metrics = run(StageContext(label, params, repo_root, device, dist, stage_run, variant))
                     stage_run.log_metrics({"stage_time_s": time.perf_counter() - started})
         finally:
             shutdown_distributed()
     except VitkitError as exc:
-        print(f"error: [{name}] {exc}", file=sys.stderr, flush=True)
+        print(f"error: [{label}] {exc}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:
-        print(f"[{name}] interrupted; rerun the stage to resume from its last checkpoint", file=sys.stderr)
+        print(f"[{label}] interrupted; rerun the stage to resume from its last checkpoint", file=sys.stderr)
         return 130
     if dist.is_main:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
-        print(f"[{name}] done in {time.perf_counter() - started:.1f}s: {summary}", flush=True)
+        print(f"[{label}] done in {time.perf_counter() - started:.1f}s: {summary}", flush=True)
     return 0

@@ -3,6 +3,10 @@
 For the SSL backbone: kNN and linear-probe top-1 of its frozen features, next
 to the same backbone with random weights. For the teacher: top-1 / top-5,
 per-class accuracy and a confusion matrix.
+For DETR and Deformable DETR: COCO box AP on the detection test split
+(pycocotools), their predictions as COCO results json, figures of predicted
+against ground-truth boxes, and the two side by side: AP per epoch and per
+training second (from their training histories) and AP by object size.
 Writes ``metrics/evaluate.json`` (DVC metrics), per-class tables under
 ``plots/evaluate/`` and figures, and logs the same to MLflow.
 """
@@ -16,7 +20,9 @@ import torch
 from torch import nn
 
 from stages.common import StageContext, stage_main
-from vitkit.data.datasets import load_imagefolder_tensors
+from stages.train_detr import ARCHS, build_model, config_from_meta, postprocessor_from_meta
+from vitkit.data.datasets import CocoDetection, load_imagefolder_tensors
+from vitkit.data.detection_transforms import eval_transforms
 from vitkit.data.ssl_transforms import SSLAugConfig, normalize_transform
 from vitkit.data.transforms import eval_transform
 from vitkit.engine.checkpoint import load_weights
@@ -26,6 +32,9 @@ from vitkit.evaluation.classification import (
     plot_confusion,
     predict_logits,
 )
+from vitkit.evaluation.coco import evaluate_coco, write_results_json
+from vitkit.evaluation.detection import FINAL_COLUMNS, compare_runs, plot_comparison, predict_coco
+from vitkit.evaluation.detection_figures import plot_detections
 from vitkit.evaluation.knn import extract_features, knn_accuracy
 from vitkit.evaluation.linear_probe import linear_probe
 from vitkit.io import atomic_path, write_json
@@ -89,15 +98,74 @@ def evaluate_ssl(ctx: StageContext) -> dict[str, dict[str, float]]:
     return {**rows, "method": meta["method"]}
 
 
+FIGURE_IMAGES = 8
+
+
+def evaluate_detection(ctx: StageContext) -> dict:
+    """COCO AP of each ``train_detr`` variant on the test split, and their comparison table."""
+    test_dir = ctx.path("data/detection/test")
+    finals, histories = {}, {}
+    for arch in ARCHS:
+        state, meta = load_weights(ctx.path(f"artifacts/detr/{arch}/model.pt"))
+        model = build_model(config_from_meta(meta), backbone_state=None)
+        model.load_state_dict(state)
+        model.to(ctx.device)
+        test = CocoDetection(test_dir, eval_transforms(meta["eval_size"]))
+        detections, results = predict_coco(
+            model, test, postprocessor_from_meta(meta), ctx.device, ctx.params.evaluate.batch_size
+        )
+        finals[arch] = evaluate_coco(test.coco, results)
+        write_results_json(results, ctx.path(f"artifacts/evaluate/{arch}_test_results.json"))
+
+        raw = CocoDetection(test_dir)  # uint8 images at their own size, boxes in pixels
+        samples = [raw[i] for i in range(min(FIGURE_IMAGES, len(raw)))]
+        names = {c["id"]: c["name"] for c in raw.categories}
+        figure = ctx.path(f"plots/evaluate/{arch}_detections.png")
+        plot_detections(
+            [image for image, _ in samples],
+            [{"boxes": target["boxes"].as_subclass(torch.Tensor)} for _, target in samples],
+            detections[: len(samples)],
+            names,
+            figure,
+            score_threshold=0.3,
+        )
+        ctx.run.log_artifact(figure, "figures")
+        histories[arch] = pd.read_csv(ctx.path(f"plots/detr/{arch}/history.csv"))
+
+    table = compare_runs(histories, finals)
+    table_csv = ctx.path("plots/evaluate/detection_comparison.csv")
+    with atomic_path(table_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    figure = ctx.path("plots/evaluate/detection_comparison.png")
+    plot_comparison(histories, table, figure, "DETR vs Deformable DETR")
+    ctx.run.log_artifact(table_csv)
+    ctx.run.log_artifact(figure, "figures")
+    rows = table.set_index("arch")
+    return {arch: {k: float(v) for k, v in rows.loc[arch].items()} for arch in ARCHS}
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     ssl = evaluate_ssl(ctx)
     teacher = evaluate_teacher(ctx)
-    metrics = {"ssl": ssl, "teacher": {k: teacher[k] for k in ("top1", "top5", "per_class")}}
+    detection = evaluate_detection(ctx)
+    metrics = {
+        "ssl": ssl,
+        "teacher": {k: teacher[k] for k in ("top1", "top5", "per_class")},
+        "detection": detection,
+    }
     write_json(ctx.path("metrics/evaluate.json"), metrics)
     flat = {"teacher_top1": teacher["top1"], "teacher_top5": teacher["top5"]}
     flat.update({f"ssl_{k}": v for k, v in ssl["ssl"].items()})
     flat.update({f"random_init_{k}": v for k, v in ssl["random_init"].items()})
     flat.update({f"teacher_acc_{name}": acc for name, acc in teacher["per_class"].items()})
+    flat.update(
+        {
+            f"{arch}_test_{k}": v
+            for arch, row in detection.items()
+            for k, v in row.items()
+            if k in FINAL_COLUMNS
+        }
+    )
     ctx.run.log_metrics(flat)
     return flat
 

@@ -207,6 +207,83 @@ class TeacherParams(OptimParams):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
+ResNetStage = Literal["layer1", "layer2", "layer3", "layer4"]
+
+
+class DetrTrainingParams(OptimParams):
+    """Training shared by both ``train_detr`` variants (DETR's recipe), so they race on equal terms."""
+
+    init: Literal["ssl", "teacher", "scratch"] = "teacher"  # backbone weights: pretrain_ssl, train_teacher
+    # a whole-model checkpoint in the official release layout (facebookresearch/detr or
+    # fundamentalvision/Deformable-DETR) to fine-tune from; the class head is re-initialised
+    release_checkpoint: str | None = None
+    freeze_backbone: bool = True  # train the transformer only (~2x faster on CPU)
+    lr_backbone: NonNegFloat = 1e-5  # DETR: lr / 10; unused when the backbone is frozen
+    train_scales: list[Annotated[int, Field(ge=32, le=2048)]] = Field(default=[128], min_length=1)
+    crop: bool = False  # DETR's random crop (half of the batches) before the resize
+    eval_size: Annotated[int, Field(ge=32, le=2048)] | None = None  # shorter side at eval; None: as is
+    eval_every: PositiveInt = 1  # COCO AP on the val split every k epochs (and after the last)
+    score_threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0  # post-processing: COCO AP wants all
+    top_k: PositiveInt = 100  # detections kept per image (COCO AP counts 100)
+
+
+class DetrModelParams(Section):
+    """DETR's model knobs (``vitkit.models.detr.DETRConfig``)."""
+
+    lr: PositiveFloat | None = None  # this arch's lr, else detr_training.lr (official recipe: 1e-4)
+    return_layer: ResNetStage = "layer4"
+    hidden_dim: PositiveInt = 256
+    nheads: PositiveInt = 8
+    enc_layers: PositiveInt = 6
+    dec_layers: PositiveInt = 6
+    dim_feedforward: PositiveInt = 2048
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    pre_norm: bool = False
+    num_queries: PositiveInt = 100
+    aux_loss: bool = True
+    eos_coef: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> DetrModelParams:
+        if self.hidden_dim % self.nheads or self.hidden_dim % 2:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be even and a multiple of nheads")
+        return self
+
+
+class DeformableModelParams(Section):
+    """Deformable DETR's model knobs (``vitkit.models.deformable.DeformableDETRConfig``)."""
+
+    lr: PositiveFloat | None = None  # this arch's lr, else detr_training.lr (official recipe: 2e-4)
+    return_layers: list[ResNetStage] = Field(default=["layer2", "layer3", "layer4"], min_length=1)
+    num_feature_levels: PositiveInt = 4  # levels beyond return_layers: stride-2 convs on the last
+    hidden_dim: Annotated[int, Field(gt=0, multiple_of=32)] = 256  # GroupNorm(32) on the inputs
+    nheads: PositiveInt = 8
+    enc_layers: PositiveInt = 6
+    dec_layers: PositiveInt = 6
+    dim_feedforward: PositiveInt = 1024
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    enc_n_points: PositiveInt = 4
+    dec_n_points: PositiveInt = 4
+    num_queries: PositiveInt = 300
+    aux_loss: bool = True
+    with_box_refine: bool = False
+    two_stage: bool = False
+    lr_linear_proj_mult: PositiveFloat = 0.1  # sampling offsets / reference points learn at lr x this
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeformableModelParams:
+        if self.hidden_dim % self.nheads:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be a multiple of nheads ({self.nheads})")
+        if self.num_feature_levels < len(self.return_layers):
+            raise ValueError(
+                f"num_feature_levels ({self.num_feature_levels}) must be >= the number of return_layers "
+                f"({len(self.return_layers)})"
+            )
+        if self.two_stage and not self.with_box_refine:
+            raise ValueError("two_stage needs with_box_refine: true (as in the paper)")
+        return self
+
+
 class EvaluateParams(Section):
     batch_size: PositiveInt = 256
 
@@ -222,6 +299,9 @@ class Params(Section):
     backbone: BackboneParams = BackboneParams()
     ssl: SSLParams
     teacher: TeacherParams
+    detr_training: DetrTrainingParams
+    detr: DetrModelParams = DetrModelParams()
+    deformable: DeformableModelParams = DeformableModelParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
 

@@ -134,3 +134,21 @@ def test_malformed_coco_entries_are_listed(built_repo, tmp_path):
     )
     assert_one_clear_error(result, "bad.json", "category_id 7", "../../etc/passwd")
     assert snapshot(built_repo) == before
+
+
+def test_bad_detection_params_and_variant_stop_train_detr_with_one_message(tmp_path):
+    repo = make_pipeline_repo(tmp_path / "detr")
+    params_file = tmp_path / "bad-params.yaml"
+    params_file.write_text(yaml.safe_dump(smoke_params(deformable={"hidden_dim": 48})))
+    result = run(
+        [sys.executable, "-m", "stages.train_detr", "deformable", "--params", str(params_file)], repo
+    )
+    assert_one_clear_error(
+        result, "bad-params.yaml", "deformable.hidden_dim: Input should be a multiple of 32"
+    )
+    assert "error: [train_detr@deformable]" in result.stderr
+    assert not (repo / "checkpoints").exists() and not (repo / "artifacts").exists()
+
+    unknown = run([sys.executable, "-m", "stages.train_detr", "yolo"], repo)
+    assert unknown.returncode == 2
+    assert "invalid choice: 'yolo'" in unknown.stderr

@@ -39,6 +39,12 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     ssl = json.loads((repro_repo / "metrics/ssl.json").read_text())
     assert ssl["train_images"] == 64 and 0.0 <= ssl["knn_top1"] <= 1.0
     assert (repro_repo / "plots/ssl/view_pairs.png").stat().st_size > 0
+    for arch in ("detr", "deformable"):
+        assert 0.0 <= evaluate["detection"][arch]["AP"] <= 1.0
+        assert (repro_repo / f"plots/detr/{arch}/history.csv").read_text().startswith("epoch,train_time_s,")
+        results = json.loads((repro_repo / f"artifacts/evaluate/{arch}_test_results.json").read_text())
+        assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
+    assert (repro_repo / "plots/evaluate/detection_comparison.png").stat().st_size > 0
 
     second = run(["dvc", "repro"], repro_repo)
     assert second.returncode == 0

@@ -95,6 +95,16 @@ def test_a_few_steps_fit_one_image() -> None:
     assert losses[-1] < 0.6 * losses[0]
 
 
+@pytest.mark.parametrize(("layer", "channels", "side"), [("layer4", 512, 4), ("layer3", 256, 8)])
+def test_return_layer_is_the_stage_whose_map_the_transformer_reads(layer, channels, side) -> None:
+    model = build_detr(_config(return_layer=layer)).eval()
+    assert model.input_proj.in_channels == channels
+    features, positions = model.backbone(nested_tensor_from_images([torch.randn(3, 128, 128)]))
+    assert features[-1].tensors.shape[-2:] == (side, side) == positions[-1].shape[-2:]
+    with pytest.raises(ConfigError, match="not ResNet stages"):
+        build_detr(_config(return_layer="layer5"))
+
+
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="hidden_dim"):
         _config(hidden_dim=30, nheads=4)

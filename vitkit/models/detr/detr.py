@@ -97,6 +97,9 @@ class DETRConfig:
     arch: str = "resnet18"
     stem: str = "imagenet"  # vitkit.models.resnet.STEMS; "small" puts layer4 at stride 8 instead of 32
     train_backbone: bool = True
+    # The ResNet stage whose map feeds the transformer. DETR: layer4 (stride 32); on small images an
+    # earlier stage gives more tokens (128 px: layer4 4x4, layer3 8x8) at the price of fewer channels.
+    return_layer: str = "layer4"
     hidden_dim: int = 256
     nheads: int = 8
     enc_layers: int = 6
@@ -146,7 +149,7 @@ class DETRConfig:
 def build_detr(cfg: DETRConfig, backbone_state: dict[str, Tensor] | None = None) -> DETR:
     """The model; ``backbone_state`` is a trunk state dict (SSL or teacher) or None for scratch."""
     backbone = build_backbone(
-        cfg.arch, backbone_state, ("layer4",), train_backbone=cfg.train_backbone, stem=cfg.stem
+        cfg.arch, backbone_state, (cfg.return_layer,), train_backbone=cfg.train_backbone, stem=cfg.stem
     )
     joiner = Joiner(backbone, build_position_encoding(cfg.hidden_dim))
     transformer = build_transformer(
