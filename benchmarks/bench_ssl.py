@@ -7,8 +7,9 @@ backward on one view only but adds the key encoder's forward, its momentum
 update, the queue and split batch norm. All three train on the same
 pre-augmented batches (augmentation is the same for all and excluded), alternate
 in the same process, and the medians are compared. Peak memory: CUDA's
-allocator peak on GPU; on CPU the max-RSS growth over the training steps, measured
-once per method in a fresh process (max RSS never goes down within a process).
+allocator peak on GPU; on CPU the peak resident memory of a fresh process that
+builds the model and trains it on the same batches (max RSS never goes down within
+a process, so each method gets its own).
 
     python benchmarks/bench_ssl.py --steps 10 --repeats 5
 """
@@ -59,7 +60,7 @@ class PlainTwoView(torch.nn.Module):
 
 
 def measure(model: torch.nn.Module, batches, device: torch.device) -> tuple[float, float]:
-    """Images/s over ``batches`` (after one warm-up step) and peak memory growth in MiB."""
+    """Images/s over ``batches`` (after one warm-up step) and peak memory in MiB."""
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
     batches = [(x1.to(device), x2.to(device)) for x1, x2 in batches]
@@ -71,7 +72,6 @@ def measure(model: torch.nn.Module, batches, device: torch.device) -> tuple[floa
         loss.backward()
         optimizer.step()
 
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step(*batches[0])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -83,7 +83,7 @@ def measure(model: torch.nn.Module, batches, device: torch.device) -> tuple[floa
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return len(batches) * batches[0][0].shape[0] / (time.perf_counter() - start), peak
 
 
@@ -141,7 +141,7 @@ def main() -> None:
         peak = peak_memory_in_fresh_process(name, args, batches)
         print(
             f"median {name:>14}: {median:7.1f} img/s ({median / reference:.3f}x plain two-view), "
-            f"peak memory {peak:.0f} MiB"
+            f"peak memory {peak:.0f} MiB ({'CUDA allocator' if device.type == 'cuda' else 'process RSS'})"
         )
     print("target: each method >= 0.9x the plain two-view step")
 
