@@ -5,6 +5,10 @@ stage: it validates the whole params file, checks the MLflow store is
 reachable, relaunches itself under torchrun when several processes are asked
 for, opens the stage's MLflow run and turns any ``VitkitError`` into one line
 on stderr and exit code 2 (the code the Prefect flow does not retry).
+
+A stage that DVC runs once per item of a ``foreach`` (``distill_deit@hard``)
+declares its own positional argument with ``add_arguments`` and names the item
+with ``variant``: the MLflow run is then named like the DVC stage.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,7 @@ class StageContext:
     device: torch.device
     dist: DistInfo
     run: tracking.StageRun | NullRun
+    args: argparse.Namespace = field(default_factory=argparse.Namespace)
 
     def path(self, relative: str) -> Path:
         return self.repo_root / relative
@@ -108,18 +113,33 @@ def stage_main(
     run: Callable[[StageContext], Mapping[str, float]],
     distributed: bool = False,
     argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    variant: Callable[[argparse.Namespace], str] | None = None,
 ) -> int:
-    """Parse args, validate params, set up device/DDP/MLflow and run the stage. Returns the exit code."""
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    """Parse args, validate params, set up device/DDP/MLflow and run the stage. Returns the exit code.
+
+    ``add_arguments(parser)`` adds the stage's own arguments (they reach ``run`` as ``ctx.args``);
+    ``variant(args)`` names the foreach item, so the stage is reported as ``name@item``.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{name}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    module = f"stages.{name}"
+    if variant is not None:
+        name = f"{name}@{variant(args)}"
     repo_root = Path.cwd()
     started = time.perf_counter()
     try:
         params = load_params(args.params)
         if distributed and params.engine.nproc > 1 and "LOCAL_RANK" not in os.environ:
-            return _relaunch_under_torchrun(f"stages.{name}", params.engine.nproc, argv)
+            return _relaunch_under_torchrun(module, params.engine.nproc, argv)
         uri = tracking.tracking_uri(repo_root)
         tracking.check_reachable(uri)
         set_threads(params.engine.threads)
@@ -128,7 +148,7 @@ def stage_main(
         dist = init_distributed(device) if distributed else DistInfo()
         try:
             if not dist.is_main:
-                metrics = run(StageContext(name, params, repo_root, device, dist, NullRun()))
+                metrics = run(StageContext(name, params, repo_root, device, dist, NullRun(), args))
             else:
                 tags = {
                     "vitkit.dvc_stage_hash": dvc_stage_hash(repo_root),
@@ -137,7 +157,7 @@ def stage_main(
                 }
                 flat = flatten(params.model_dump(mode="json"))
                 with tracking.stage_run(name, repo_root, params.mlflow.experiment, flat, tags) as stage_run:
-                    metrics = run(StageContext(name, params, repo_root, device, dist, stage_run))
+                    metrics = run(StageContext(name, params, repo_root, device, dist, stage_run, args))
                     stage_run.log_metrics({"stage_time_s": time.perf_counter() - started})
         finally:
             shutdown_distributed()
