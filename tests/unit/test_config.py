@@ -46,6 +46,11 @@ def test_deep_merge_keeps_sibling_keys():
         (("data", "classes"), ["circle", "blob"], "data.classes.1: Input should be 'circle'"),
         (("data", "detection", "shapes", "min_objects"), 9, "min_objects (9) must be <= max_objects"),
         (("data", "classification", "source"), "imagefolder", "needs 'path'"),
+        (("deit", "tau"), 0, "deit.tau: Input should be greater than 0"),
+        (("deit", "alpha"), 1.5, "deit.alpha: Input should be less than or equal to 1"),
+        (("deit", "mixup"), -0.1, "deit.mixup: Input should be greater than or equal to 0"),
+        (("deit", "preset"), "vit_huge", "deit.preset: Input should be 'cpu_tiny', 'deit_tiny'"),
+        (("deit", "repeated_aug"), 0, "deit.repeated_aug: Input should be greater than 0"),
     ],
 )
 def test_bad_value_names_file_key_and_what_is_allowed(path, value, expected):
