@@ -83,6 +83,8 @@ def load_teacher(path: Path, classes: list[str], device: torch.device) -> tuple[
 
 def run(ctx: StageContext) -> dict[str, float]:
     mode, p, engine = ctx.args.mode, ctx.params.deit, ctx.params.engine
+    # the model's shape is checked before any data is read; image size and classes come from the data
+    config = vit_config(p, ctx.params.data.classification.image_size, 1, distilled=mode != "none")
     data_dir = ctx.path("data/classification")
     train_images, train_labels, classes = load_imagefolder_tensors(data_dir / "train")
     val_images, val_labels, _ = load_imagefolder_tensors(data_dir / "val")
@@ -97,7 +99,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     dataset = TensorImageDataset(train_images, train_labels, build_deit_train_transform(aug))
     eval_transform = build_eval_transform(image_size, aug.mean, aug.std)
 
-    config = vit_config(p, image_size, len(classes), distilled=mode != "none")
+    config = dataclasses.replace(config, img_size=image_size, num_classes=len(classes))
     model = build_vit(config).to(ctx.device)
     teacher, teacher_digest = None, ""
     if mode != "none":

@@ -131,3 +131,21 @@ def test_malformed_coco_entries_are_listed(built_repo, tmp_path):
     )
     assert_one_clear_error(result, "bad.json", "category_id 7", "../../etc/passwd")
     assert snapshot(built_repo) == before
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"tau": 0}, "deit.tau: Input should be greater than 0"),
+        ({"alpha": 2}, "deit.alpha: Input should be less than or equal to 1"),
+        ({"depth": 3, "num_heads": 5}, "embed_dim 96 is not divisible by num_heads 5"),
+    ],
+)
+def test_bad_deit_params_stop_the_student_with_one_message(tmp_path, override, needle):
+    """Schema errors and a model shape the preset cannot take, before any data is read."""
+    repo = make_pipeline_repo(tmp_path / "repo")
+    params_file = tmp_path / "bad-params.yaml"
+    params_file.write_text(yaml.safe_dump(smoke_params(deit=override)))
+    result = run([sys.executable, "-m", "stages.distill_deit", "hard", "--params", str(params_file)], repo)
+    assert_one_clear_error(result, "[distill_deit@hard]", needle)
+    assert not (repo / "artifacts").exists()

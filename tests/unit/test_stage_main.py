@@ -28,7 +28,9 @@ def test_stage_arguments_and_variant_name(tmp_path: Path, monkeypatch):
         return {"x": 1.0}
 
     argv = ["hard", "--params", str(params)]
-    code = stage_main("demo", "A demo stage.", run, add_arguments=add_mode, variant=lambda a: a.mode, argv=argv)
+    code = stage_main(
+        "demo", "A demo stage.", run, add_arguments=add_mode, variant=lambda a: a.mode, argv=argv
+    )
     assert code == 0
     assert seen[0].args.mode == "hard"
     assert seen[0].name == "demo@hard"
