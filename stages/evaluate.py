@@ -72,7 +72,7 @@ def evaluate_deit(ctx: StageContext) -> dict[str, dict[str, float | None]]:
         }
     }
     # a few test images spread over the (class-sorted) split, so several classes show
-    shown = torch.linspace(0, len(images) - 1, ctx.params.deit.attention_images).round().long()
+    shown = torch.linspace(0, len(images) - 1, ctx.params.evaluate.attention_images).round().long()
     for mode in DISTILLATION_TYPES:
         state, meta = load_weights(ctx.path(f"artifacts/deit/{mode}/model.pt"))
         model = build_vit(ViTConfig(**meta["vit"]))
@@ -81,19 +81,18 @@ def evaluate_deit(ctx: StageContext) -> dict[str, dict[str, float | None]]:
         transform = build_eval_transform(meta["image_size"], IMAGENET_MEAN, IMAGENET_STD)
         cls_logits, dist_logits = predict_heads(model, images, transform, ctx.device, batch_size)
         table[mode] = head_scores(cls_logits, dist_logits, labels, teacher_logits)
-        if len(shown):
-            inputs = transform(images[shown]).to(ctx.device)
-            predicted = (cls_logits if dist_logits is None else cls_logits + dist_logits)[shown].argmax(1)
-            titles = [f"{classes[t]} -> {classes[p]}" for t, p in zip(labels[shown], predicted, strict=True)]
-            figure = save_attention_figure(
-                inputs,
-                token_attention_maps(model, inputs),
-                ctx.path(f"plots/evaluate/deit_{mode}_attention.png"),
-                IMAGENET_MEAN,
-                IMAGENET_STD,
-                titles,
-            )
-            ctx.run.log_artifact(figure, "figures")
+        inputs = transform(images[shown]).to(ctx.device)
+        predicted = (cls_logits if dist_logits is None else cls_logits + dist_logits)[shown].argmax(1)
+        titles = [f"{classes[t]} -> {classes[p]}" for t, p in zip(labels[shown], predicted, strict=True)]
+        figure = save_attention_figure(
+            inputs,
+            token_attention_maps(model, inputs),
+            ctx.path(f"plots/evaluate/deit_{mode}_attention.png"),
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            titles,
+        )
+        ctx.run.log_artifact(figure, "figures")
     csv = ctx.path("plots/evaluate/deit_heads.csv")
     with atomic_path(csv) as tmp:
         pd.DataFrame([{"model": name, **row} for name, row in table.items()]).to_csv(tmp, index=False)

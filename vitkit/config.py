@@ -183,11 +183,11 @@ class DeitParams(OptimParams):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     repeated_aug: PositiveInt = 3
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    attention_images: NonNegInt = 6
 
 
 class EvaluateParams(Section):
     batch_size: PositiveInt = 256
+    attention_images: PositiveInt = 6  # test images in the DeiT attention-map figures
 
 
 class MlflowParams(Section):
