@@ -128,7 +128,11 @@ def stage_main(
     argument, gets it as ``ctx.variant`` and is tracked in MLflow under DVC's name for it,
     ``<name>@<variant>``.
     """
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{name}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     if variants:
         parser.add_argument("variant", choices=list(variants), help="which variant of the stage to run")
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")

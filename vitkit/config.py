@@ -284,8 +284,36 @@ class DeformableModelParams(Section):
         return self
 
 
+class DeitParams(OptimParams):
+    """DeiT student (``distill_deit@{none,soft,hard}``): model size, distillation and DeiT's recipe.
+
+    ``lr`` is DeiT's base rate per 512 images: the optimiser runs at ``lr * batch_size / 512``.
+    The model is a ``vitkit.models.vit`` preset at the data's image size, with the fields below
+    replacing the preset's where given. Augmentation knobs set to 0 turn that augmentation off.
+    """
+
+    preset: Literal["cpu_tiny", "deit_tiny", "deit_small", "deit_base"] = "cpu_tiny"
+    patch_size: PositiveInt | None = None
+    embed_dim: PositiveInt | None = None
+    depth: PositiveInt | None = None
+    num_heads: PositiveInt | None = None
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+    tau: PositiveFloat = 1.0
+    crop_scale: Annotated[float, Field(gt=0, le=1)] = 0.35
+    randaug_ops: NonNegInt = 2
+    randaug_magnitude: Annotated[int, Field(ge=0, le=30)] = 9
+    random_erasing: Annotated[float, Field(ge=0, le=1)] = 0.25
+    mixup: NonNegFloat = 0.8
+    cutmix: NonNegFloat = 1.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    repeated_aug: PositiveInt = 3
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
 class EvaluateParams(Section):
     batch_size: PositiveInt = 256
+    attention_images: PositiveInt = 6  # test images in the DeiT attention-map figures
 
 
 class MlflowParams(Section):
@@ -302,6 +330,7 @@ class Params(Section):
     detr_training: DetrTrainingParams
     detr: DetrModelParams = DetrModelParams()
     deformable: DeformableModelParams = DeformableModelParams()
+    deit: DeitParams
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
 

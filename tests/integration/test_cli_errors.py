@@ -152,3 +152,21 @@ def test_bad_detection_params_and_variant_stop_train_detr_with_one_message(tmp_p
     unknown = run([sys.executable, "-m", "stages.train_detr", "yolo"], repo)
     assert unknown.returncode == 2
     assert "invalid choice: 'yolo'" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"tau": 0}, "deit.tau: Input should be greater than 0"),
+        ({"alpha": 2}, "deit.alpha: Input should be less than or equal to 1"),
+        ({"depth": 3, "num_heads": 5}, "embed_dim 96 is not divisible by num_heads 5"),
+    ],
+)
+def test_bad_deit_params_stop_the_student_with_one_message(tmp_path, override, needle):
+    """Schema errors and a model shape the preset cannot take, before any data is read."""
+    repo = make_pipeline_repo(tmp_path / "repo")
+    params_file = tmp_path / "bad-params.yaml"
+    params_file.write_text(yaml.safe_dump(smoke_params(deit=override)))
+    result = run([sys.executable, "-m", "stages.distill_deit", "hard", "--params", str(params_file)], repo)
+    assert_one_clear_error(result, "[distill_deit@hard]", needle)
+    assert not (repo / "artifacts").exists()

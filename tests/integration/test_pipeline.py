@@ -25,6 +25,22 @@ def repro_repo(tmp_path_factory):
     return make_pipeline_repo(tmp_path_factory.mktemp("repro"))
 
 
+def check_deit_outputs(repo, evaluate: dict) -> None:
+    """The three students' table beside the teacher, per-epoch histories and attention maps."""
+    table = evaluate["deit"]
+    assert set(table) == {"teacher", "none", "soft", "hard"}
+    assert table["none"]["dist_top1"] is None  # DeiT's baseline has no distillation token
+    for mode in ("soft", "hard"):
+        assert set(table[mode]) == {"cls_top1", "dist_top1", "avg_top1", "teacher_agreement"}
+        assert all(0.0 <= v <= 1.0 for v in table[mode].values())
+    for mode in ("none", "soft", "hard"):
+        history = (repo / f"plots/deit/{mode}/history.csv").read_text().splitlines()
+        assert "val_avg_top1" in history[0] and len(history) == 3  # header + 2 smoke epochs
+        assert (repo / f"plots/evaluate/deit_{mode}_attention.png").stat().st_size > 0
+    rows = (repo / "plots/evaluate/deit_heads.csv").read_text().splitlines()
+    assert rows[0] == "model,cls_top1,dist_top1,avg_top1,teacher_agreement" and len(rows) == 5
+
+
 def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     first = run(["dvc", "repro"], repro_repo)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -45,6 +61,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
         results = json.loads((repro_repo / f"artifacts/evaluate/{arch}_test_results.json").read_text())
         assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
     assert (repro_repo / "plots/evaluate/detection_comparison.png").stat().st_size > 0
+    check_deit_outputs(repro_repo, evaluate)
 
     second = run(["dvc", "repro"], repro_repo)
     assert second.returncode == 0

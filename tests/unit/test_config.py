@@ -46,11 +46,16 @@ def test_deep_merge_keeps_sibling_keys():
         (("data", "classes"), ["circle", "blob"], "data.classes.1: Input should be 'circle'"),
         (("data", "detection", "shapes", "min_objects"), 9, "min_objects (9) must be <= max_objects"),
         (("data", "classification", "source"), "imagefolder", "needs 'path'"),
-        (("ssl", "queue_size"), 100, "ssl: Value error, queue_size (100) must be >= batch_size (256)"),
+        (("ssl", "queue_size"), 100, "ssl: Value error, queue_size (100) must be >= batch_size (128)"),
         (("ssl", "temperature"), -0.1, "ssl.temperature: Input should be greater than 0"),
         (("ssl", "method"), "moco", "ssl.method: Input should be 'mocov2' or 'simclr'"),
         (("ssl", "augmentation", "crop_scale"), [0.9, 0.3], "crop_scale must be [min, max]"),
         (("teacher", "init"), "teacher", "teacher.init: Input should be 'ssl' or 'scratch'"),
+        (("deit", "tau"), 0, "deit.tau: Input should be greater than 0"),
+        (("deit", "alpha"), 1.5, "deit.alpha: Input should be less than or equal to 1"),
+        (("deit", "mixup"), -0.1, "deit.mixup: Input should be greater than or equal to 0"),
+        (("deit", "preset"), "vit_huge", "deit.preset: Input should be 'cpu_tiny', 'deit_tiny'"),
+        (("deit", "repeated_aug"), 0, "deit.repeated_aug: Input should be greater than 0"),
     ],
 )
 def test_bad_value_names_file_key_and_what_is_allowed(path, value, expected):

@@ -84,3 +84,50 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path / "ckpt-nan")
     assert state is not None and state["global_step"] == 21  # the epoch-2 step-5 checkpoint, before the NaN
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_repeated_augmentation_and_a_step_hook_with_its_state_in_the_checkpoint(tmp_path):
+    """The sampler DeiT asks for, a hook after every optimizer step, and the hook's state resumed."""
+    from torch.utils.data import TensorDataset
+
+    from vitkit.data.samplers import RASampler
+    from vitkit.engine.distributed import DistInfo
+    from vitkit.engine.trainer import Trainer, TrainerConfig
+
+    torch.manual_seed(0)
+    dataset = TensorDataset(torch.arange(20.0)[:, None], torch.zeros(20, dtype=torch.long))
+    seen: list[float] = []
+    state = {"steps": 0}
+
+    def step(net: torch.nn.Module, batch) -> torch.Tensor:
+        seen.extend(batch[0].flatten().tolist())
+        return net(batch[0]).square().mean()
+
+    def build(epochs: int) -> Trainer:
+        cfg = TrainerConfig(epochs=epochs, batch_size=4, lr=0.01, repeated_augmentations=2, progress=False)
+        return Trainer(
+            torch.nn.Linear(1, 1),
+            dataset,
+            step,
+            cfg,
+            torch.device("cpu"),
+            DistInfo(),
+            tmp_path,
+            after_step=lambda net: state.update(steps=state["steps"] + 1),
+            extra_state=lambda: dict(state),
+            load_extra_state=lambda saved: state.update(saved),
+        )
+
+    trainer = build(epochs=1)
+    assert isinstance(trainer.sampler, RASampler)
+    trainer.fit()
+    assert state["steps"] == trainer.steps_per_epoch == 5  # 20 samples per epoch, in batches of 4
+    assert len(set(seen)) == 10 and all(seen.count(v) == 2 for v in set(seen))  # 10 images, twice each
+    # an unfinished run: its checkpoint carries the hook's state, which a resumed trainer gets back
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["extra"] == {"steps": 5}
+    checkpoint["finished"] = False
+    torch.save(checkpoint, tmp_path / CHECKPOINT_NAME)
+    state["steps"] = 0
+    assert build(epochs=1).try_resume()
+    assert state["steps"] == 5

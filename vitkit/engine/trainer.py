@@ -6,6 +6,12 @@ channels_last, AdamW + linear warmup + cosine decay per step, gradient
 clipping, a progress bar with loss and images/s, a per-epoch evaluation hook,
 checkpoints every N steps (atomic), resume after a kill, a guard against
 non-finite losses, and DDP when launched by torchrun.
+
+Recipes that need more hook in without touching the loop: repeated
+augmentation (``TrainerConfig.repeated_augmentations``, DeiT's sampler),
+per-batch mixing inside ``step_fn``, and a weights EMA through ``after_step``
+(updated after every optimizer step) plus ``extra_state`` / ``load_extra_state``
+(saved in and restored from the checkpoint).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vitkit.data.samplers import EpochSampler
+from vitkit.data.samplers import EpochSampler, RASampler
 from vitkit.engine.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -37,6 +43,7 @@ from vitkit.errors import TrainingError
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 EpochHook = Callable[[dict[str, float]], None]
+StepHook = Callable[[nn.Module], None]
 
 
 @dataclass
@@ -47,6 +54,7 @@ class TrainerConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     grad_clip: float = 1.0
+    repeated_augmentations: int = 1  # > 1: each image this many times per epoch (RASampler)
     seed: int = 0
     amp: bool = True
     channels_last: bool = True
@@ -114,6 +122,7 @@ class Trainer:
         on_epoch_end: EpochHook | None = None,
         extra_state: Callable[[], dict[str, Any]] | None = None,
         load_extra_state: Callable[[dict[str, Any]], None] | None = None,
+        after_step: StepHook | None = None,
     ) -> None:
         self.cfg = cfg
         self.device = device
@@ -124,6 +133,7 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.extra_state = extra_state
         self.load_extra_state = load_extra_state
+        self.after_step = after_step
         self.use_channels_last = cfg.channels_last and device.type == "cuda"
 
         self.model = model.to(device)
@@ -135,7 +145,12 @@ class Trainer:
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
 
-        self.sampler = EpochSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed)
+        if cfg.repeated_augmentations > 1:
+            self.sampler: EpochSampler | RASampler = RASampler(
+                dataset, dist.world_size, dist.rank, cfg.seed, num_repeats=cfg.repeated_augmentations
+            )
+        else:
+            self.sampler = EpochSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed)
         self.loader = DataLoader(
             dataset,
             batch_size=cfg.batch_size,
@@ -255,6 +270,8 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
+            if self.after_step is not None:
+                self.after_step(self.model)
 
             loss_sum += loss.detach()
             steps += 1

@@ -1,0 +1,43 @@
+"""stage_main: a stage's own arguments reach it, and a foreach item names the stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from stages.common import StageContext, stage_main
+from tests.conftest import smoke_params
+
+
+def test_stage_arguments_and_variant_name(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the MLflow store goes to the repository root, here tmp_path
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(smoke_params()))
+    seen: list[StageContext] = []
+
+    def run(ctx: StageContext) -> dict[str, float]:
+        seen.append(ctx)
+        return {"x": 1.0}
+
+    argv = ["hard", "--params", str(params)]
+    code = stage_main("demo", "A demo stage.", run, variants=["none", "hard"], argv=argv)
+    assert code == 0
+    assert seen[0].variant == "hard"
+    assert seen[0].name == "demo@hard"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (logged,) = client.search_runs([client.get_experiment_by_name("vitkit").experiment_id])
+    assert logged.info.run_name == "demo@hard" and logged.data.tags["vitkit.stage"] == "demo@hard"
+
+
+def test_help_lists_the_stage_arguments(capsys):
+    with pytest.raises(SystemExit) as info:
+        stage_main("demo", "A demo stage.", lambda ctx: {}, variants=["none", "hard"], argv=["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "{none,hard}" in out and "which variant of the stage" in out and "--params" in out
+    with pytest.raises(SystemExit) as info:
+        stage_main("demo", "A demo stage.", lambda ctx: {}, variants=["none", "hard"], argv=["soft"])
+    assert info.value.code == 2
