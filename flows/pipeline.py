@@ -4,7 +4,8 @@ The DAG is read from dvc.yaml through DVC's own index (no second copy), and
 each stage becomes a Prefect task that runs ``dvc repro --single-item <stage>``:
 DVC decides whether the stage is up to date, keeps dvc.lock and its cache
 true, and skips unchanged stages, whichever door started the run. Independent
-stages run at the same time (up to ``max_parallel``); a stage that fails for a
+stages may run at the same time (``max_parallel``, default 1: two trainings
+sharing a 2-core CPU slow each other down far more than twice); a stage that fails for a
 transient reason is retried, one that fails on bad input (exit code 2 from the
 stage, "error: [...]" in its log) is not. Each stage's output streams into its
 task log, and the stage MLflow runs nest under one parent run for the flow.
@@ -121,7 +122,7 @@ def _metric_rows(repo_root: Path) -> list[dict[str, Any]]:
 
 @flow(name="vitkit-pipeline", log_prints=True)
 def pipeline(
-    stages: list[str] | None = None, max_parallel: int = 2, repo_root: str | None = None
+    stages: list[str] | None = None, max_parallel: int = 1, repo_root: str | None = None
 ) -> list[dict]:
     """Run the DVC pipeline stage by stage (optionally only ``stages`` and what they need)."""
     logger = get_run_logger()
@@ -172,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", nargs="*", help="run only these stages and what they depend on")
     parser.add_argument(
-        "--max-parallel", type=int, default=2, help="stages run at once (default: %(default)s)"
+        "--max-parallel",
+        type=int,
+        default=1,
+        help="stages run at once (default: %(default)s; on a CPU, give each engine.threads: 1 when > 1)",
     )
     parser.add_argument(
         "--serve",

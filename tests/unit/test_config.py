@@ -46,7 +46,6 @@ def test_deep_merge_keeps_sibling_keys():
         (("data", "classes"), ["circle", "blob"], "data.classes.1: Input should be 'circle'"),
         (("data", "detection", "shapes", "min_objects"), 9, "min_objects (9) must be <= max_objects"),
         (("data", "classification", "source"), "imagefolder", "needs 'path'"),
-        (("ssl", "queue_size"), 100, "ssl: Value error, queue_size (100) must be >= batch_size (128)"),
         (("ssl", "temperature"), -0.1, "ssl.temperature: Input should be greater than 0"),
         (("ssl", "method"), "moco", "ssl.method: Input should be 'mocov2' or 'simclr'"),
         (("ssl", "augmentation", "crop_scale"), [0.9, 0.3], "crop_scale must be [min, max]"),
@@ -109,3 +108,14 @@ def test_profile_prints_dvc_set_param_arguments():
     assert "-S teacher.epochs=2" in result.stdout
     with pytest.raises(ConfigError, match="unknown profile"):
         profile_overrides("nonexistent")
+
+
+def test_moco_queue_must_hold_a_batch():
+    raw = default_raw()
+    raw["ssl"].update(method="mocov2", queue_size=100, batch_size=128)
+    with pytest.raises(
+        ConfigError, match=r"ssl: Value error, queue_size \(100\) must be >= batch_size \(128\)"
+    ):
+        validate_params(raw, "params.yaml")
+    raw["ssl"]["method"] = "simclr"  # SimCLR has no queue: the key is ignored
+    validate_params(raw, "params.yaml")

@@ -15,8 +15,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_dag_comes_from_dvc_yaml():
     dag = read_dag(ROOT)
     assert dag["prepare"] == []
-    assert dag["train_teacher"] == ["prepare"]
-    assert set(dag["evaluate"]) >= {"prepare", "train_teacher"}
+    assert dag["pretrain_ssl"] == ["prepare"]
+    assert sorted(dag["train_teacher"]) == ["prepare", "pretrain_ssl"]
+    for mode in ("none", "soft", "hard"):  # foreach items are stages of their own
+        assert sorted(dag[f"distill_deit@{mode}"]) == ["prepare", "train_teacher"]
+    for arch in ("detr", "deformable"):
+        assert sorted(dag[f"train_detr@{arch}"]) == ["prepare", "pretrain_ssl", "train_teacher"]
+    assert set(dag["evaluate"]) >= {
+        "pretrain_ssl",
+        "train_teacher",
+        "distill_deit@hard",
+        "train_detr@deformable",
+    }
 
 
 def test_selecting_a_stage_brings_what_it_needs_in_order():
