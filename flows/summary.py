@@ -14,12 +14,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     root = REPO_ROOT
     print("\nvitkit pipeline results")
-    for path in sorted((root / "metrics").glob("*.json")):
+    for path in sorted((root / "metrics").rglob("*.json")):
         flat = flatten(json.loads(path.read_text()))
         shown = ", ".join(
             f"{k}={v:.4g}"
             for k, v in flat.items()
-            if (isinstance(v, int | float) and "." not in k) or k.endswith(("top1", "AP", "AP50"))
+            if isinstance(v, int | float)  # a DeiT student without a distillation head has None there
+            and ("." not in k or k.endswith(("top1", "AP", "AP50")))
         )
         print(f"  metrics  {path.relative_to(root)}: {shown}")
     figures = sorted(p.relative_to(root) for p in (root / "plots").rglob("*.png"))
