@@ -52,7 +52,7 @@ def assert_one_clear_error(result, *needles: str) -> None:
         ("teacher", {"epochs": "many"}, "teacher.epochs: Input should be a valid integer"),
         ("teacher", {"momentum": 0.9}, "teacher.momentum: unknown key"),
         ("teacher", {"lr": 0}, "teacher.lr: Input should be greater than 0"),
-        ("ssl", {"queue_size": 16}, "queue_size (16) must be >= batch_size (32)"),
+        ("ssl", {"method": "mocov2", "queue_size": 16}, "queue_size (16) must be >= batch_size (32)"),
         ("ssl", {"temperature": 0}, "ssl.temperature: Input should be greater than 0"),
         ("ssl", {"method": "byol"}, "ssl.method: Input should be 'mocov2' or 'simclr'"),
     ],

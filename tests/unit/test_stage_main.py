@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from stages.common import StageContext, stage_main
 from tests.conftest import smoke_params
+from vitkit import tracking
 
 
 def test_stage_arguments_and_variant_name(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the MLflow store goes to the repository root, here tmp_path
+    # this test runs a stage in-process: nothing an earlier in-process test left may redirect its run
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(smoke_params()))
     seen: list[StageContext] = []
@@ -27,7 +34,7 @@ def test_stage_arguments_and_variant_name(tmp_path: Path, monkeypatch):
     assert code == 0
     assert seen[0].variant == "hard"
     assert seen[0].name == "demo@hard"
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking.tracking_uri(tmp_path))
     (logged,) = client.search_runs([client.get_experiment_by_name("vitkit").experiment_id])
     assert logged.info.run_name == "demo@hard" and logged.data.tags["vitkit.stage"] == "demo@hard"
 
