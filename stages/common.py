@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from vitkit import tracking
-from vitkit.config import Params, flatten, load_params
+from vitkit.config import OptimParams, Params, flatten, load_params
 from vitkit.engine.device import select_device, set_threads
 from vitkit.engine.distributed import DistInfo, init_distributed, shutdown_distributed
+from vitkit.engine.trainer import TrainerConfig
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
 
 
@@ -95,6 +96,33 @@ def file_digest(path: Path | None) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def trainer_config(
+    ctx: StageContext, optim: OptimParams, desc: str, fingerprint: str, **overrides: Any
+) -> TrainerConfig:
+    """The engine's config for a stage: its optimiser params, the shared ``engine`` params and the seed.
+
+    ``overrides`` replace derived fields (e.g. DeiT's batch-scaled ``lr``).
+    """
+    engine = ctx.params.engine
+    fields: dict[str, Any] = {
+        "epochs": optim.epochs,
+        "batch_size": optim.batch_size,
+        "lr": optim.lr,
+        "weight_decay": optim.weight_decay,
+        "warmup_epochs": optim.warmup_epochs,
+        "grad_clip": optim.grad_clip,
+        "seed": ctx.params.seed,
+        "amp": engine.amp,
+        "channels_last": engine.channels_last,
+        "num_workers": engine.num_workers,
+        "checkpoint_every_steps": engine.checkpoint_every_steps,
+        "progress": engine.progress,
+        "desc": desc,
+        "fingerprint": fingerprint,
+    }
+    return TrainerConfig(**{**fields, **overrides})
 
 
 def _relaunch_under_torchrun(module: str, nproc: int, argv: list[str]) -> int:

@@ -17,7 +17,6 @@ student's augmented and mixed batch, once per batch. Writes ``artifacts/deit/<mo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from stages.common import StageContext, fingerprint, stage_main
+from stages.common import StageContext, file_digest, fingerprint, stage_main, trainer_config
 from vitkit.config import DeitParams
 from vitkit.data.datasets import TensorImageDataset, load_imagefolder_tensors
 from vitkit.data.deit_transforms import (
@@ -37,7 +36,7 @@ from vitkit.data.deit_transforms import (
     build_model_ema,
 )
 from vitkit.engine.checkpoint import load_weights, save_weights
-from vitkit.engine.trainer import Trainer, TrainerConfig
+from vitkit.engine.trainer import Trainer
 from vitkit.errors import DataError
 from vitkit.evaluation.classification import plot_history
 from vitkit.evaluation.deit import head_scores, predict_heads
@@ -72,12 +71,12 @@ def load_teacher(path: Path, classes: list[str], device: torch.device) -> tuple[
         )
     teacher = build_resnet(meta["arch"], num_classes=len(classes), stem=meta["stem"])
     teacher.load_state_dict(state)
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    digest = file_digest(Path(path))
     return teacher.to(device).eval().requires_grad_(False), digest
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    mode, p, engine = ctx.variant, ctx.params.deit, ctx.params.engine
+    mode, p = ctx.variant, ctx.params.deit
     # the model's shape is checked before any data is read; image size and classes come from the data
     config = vit_config(p, ctx.params.data.classification.image_size, 1, distilled=mode != "none")
     data_dir = ctx.path("data/classification")
@@ -127,22 +126,13 @@ def run(ctx: StageContext) -> dict[str, float]:
             "extra_state": lambda: {"ema": ema.state_dict()},
             "load_extra_state": lambda state: ema.load_state_dict(state["ema"]),
         }
-    cfg = TrainerConfig(
-        epochs=p.epochs,
-        batch_size=p.batch_size,
+    cfg = trainer_config(
+        ctx,
+        p,
+        f"deit {mode}",
+        fingerprint(p, ctx.params.seed, len(dataset), mode, teacher_digest),
         lr=p.lr * p.batch_size / 512,  # DeiT's linear scaling rule
-        weight_decay=p.weight_decay,
-        warmup_epochs=p.warmup_epochs,
-        grad_clip=p.grad_clip,
         repeated_augmentations=p.repeated_aug,
-        seed=ctx.params.seed,
-        amp=engine.amp,
-        channels_last=engine.channels_last,
-        num_workers=engine.num_workers,
-        checkpoint_every_steps=engine.checkpoint_every_steps,
-        progress=engine.progress,
-        desc=f"deit {mode}",
-        fingerprint=fingerprint(p, ctx.params.seed, len(dataset), mode, teacher_digest),
     )
     trainer = Trainer(
         model,

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from stages.common import StageContext, fingerprint, stage_main
+from stages.common import StageContext, fingerprint, stage_main, trainer_config
 from vitkit.config import SSLParams
 from vitkit.data.datasets import load_image_dir_tensors, load_imagefolder_tensors
 from vitkit.data.ssl_transforms import (
@@ -28,7 +28,7 @@ from vitkit.data.ssl_transforms import (
     plot_view_pairs,
 )
 from vitkit.engine.checkpoint import save_weights
-from vitkit.engine.trainer import Trainer, TrainerConfig
+from vitkit.engine.trainer import Trainer
 from vitkit.evaluation.classification import plot_history
 from vitkit.evaluation.knn import extract_features, knn_accuracy
 from vitkit.io import atomic_path, write_json
@@ -62,7 +62,7 @@ def augmentation_config(p: SSLParams, image_size: int) -> SSLAugConfig:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    p, engine, backbone = ctx.params.ssl, ctx.params.engine, ctx.params.backbone
+    p, backbone = ctx.params.ssl, ctx.params.backbone
     unlabeled = load_image_dir_tensors(ctx.path("data/unlabeled/images"))
     knn_train, knn_train_labels, classes = load_imagefolder_tensors(ctx.path("data/classification/train"))
     knn_val, knn_val_labels, _ = load_imagefolder_tensors(ctx.path("data/classification/val"))
@@ -97,22 +97,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         return {"knn_top1": knn_top1(net)}
 
     random_init_knn = knn_top1(model) if ctx.dist.is_main else float("nan")
-    cfg = TrainerConfig(
-        epochs=p.epochs,
-        batch_size=p.batch_size,
-        lr=p.lr,
-        weight_decay=p.weight_decay,
-        warmup_epochs=p.warmup_epochs,
-        grad_clip=p.grad_clip,
-        seed=ctx.params.seed,
-        amp=engine.amp,
-        channels_last=engine.channels_last,
-        num_workers=engine.num_workers,
-        checkpoint_every_steps=engine.checkpoint_every_steps,
-        progress=engine.progress,
-        desc=f"ssl {p.method}",
-        fingerprint=fingerprint(p, backbone, ctx.params.seed, len(unlabeled)),
-    )
+    cfg = trainer_config(ctx, p, f"ssl {p.method}", fingerprint(p, backbone, ctx.params.seed, len(unlabeled)))
     trainer = Trainer(
         model,
         TwoViewDataset(unlabeled, two_views),

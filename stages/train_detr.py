@@ -20,12 +20,12 @@ import sys
 import pandas as pd
 from torch import Tensor, nn
 
-from stages.common import StageContext, fingerprint, stage_main
+from stages.common import StageContext, fingerprint, stage_main, trainer_config
 from vitkit.config import Params
 from vitkit.data.datasets import CocoDetection, collate_detection
 from vitkit.data.detection_transforms import eval_transforms, train_transforms
 from vitkit.engine.checkpoint import load_weights, save_weights
-from vitkit.engine.trainer import Trainer, TrainerConfig
+from vitkit.engine.trainer import Trainer
 from vitkit.errors import ConfigError, DataError
 from vitkit.evaluation.classification import plot_history
 from vitkit.evaluation.coco import evaluate_coco
@@ -126,7 +126,7 @@ def detection_loss(criterion: nn.Module):
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    arch, p, engine = ctx.variant, ctx.params.detr_training, ctx.params.engine
+    arch, p = ctx.variant, ctx.params.detr_training
     data_dir = ctx.path("data/detection")
     train = CocoDetection(data_dir / "train", train_transforms(p.train_scales, crop=p.crop))
     val = CocoDetection(data_dir / "val", eval_transforms(p.eval_size))
@@ -165,23 +165,12 @@ def run(ctx: StageContext) -> dict[str, float]:
         metrics = evaluate_coco(val.coco, results)
         return {f"val_{name}": metrics[name] for name in AP_COLUMNS}
 
-    trainer_cfg = TrainerConfig(
-        epochs=p.epochs,
-        batch_size=p.batch_size,
+    trainer_cfg = trainer_config(
+        ctx,
+        p,
+        ctx.name,
+        fingerprint(p, getattr(ctx.params, arch), dataclasses.asdict(cfg), ctx.params.seed, len(train)),
         lr=lr,
-        weight_decay=p.weight_decay,
-        warmup_epochs=p.warmup_epochs,
-        grad_clip=p.grad_clip,
-        seed=ctx.params.seed,
-        amp=engine.amp,
-        channels_last=engine.channels_last,
-        num_workers=engine.num_workers,
-        checkpoint_every_steps=engine.checkpoint_every_steps,
-        progress=engine.progress,
-        desc=ctx.name,
-        fingerprint=fingerprint(
-            p, getattr(ctx.params, arch), dataclasses.asdict(cfg), ctx.params.seed, len(train)
-        ),
     )
     trainer = Trainer(
         model,

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.common import StageContext, file_digest, fingerprint, stage_main
+from stages.common import StageContext, file_digest, fingerprint, stage_main, trainer_config
 from vitkit.data.datasets import TensorImageDataset, load_imagefolder_tensors
 from vitkit.data.transforms import eval_transform, train_transform
 from vitkit.engine.checkpoint import load_weights, save_weights
-from vitkit.engine.trainer import Trainer, TrainerConfig
+from vitkit.engine.trainer import Trainer
 from vitkit.errors import ConfigError
 from vitkit.evaluation.classification import plot_history, predict_logits, topk_accuracy
 from vitkit.io import atomic_path, write_json
@@ -58,7 +58,7 @@ def load_ssl_backbone(model: nn.Module, weights: Path) -> None:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    p, engine = ctx.params.teacher, ctx.params.engine
+    p = ctx.params.teacher
     data_dir = ctx.path("data/classification")
     train_images, train_labels, classes = load_imagefolder_tensors(data_dir / "train")
     val_images, val_labels, _ = load_imagefolder_tensors(data_dir / "val")
@@ -82,22 +82,12 @@ def run(ctx: StageContext) -> dict[str, float]:
         logits = predict_logits(net, val_images, eval_transform(), ctx.device, ctx.params.evaluate.batch_size)
         return {"val_top1": topk_accuracy(logits, val_labels, 1)}
 
-    cfg = TrainerConfig(
-        epochs=p.epochs,
-        batch_size=p.batch_size,
-        lr=p.lr,
-        weight_decay=p.weight_decay,
-        warmup_epochs=p.warmup_epochs,
-        grad_clip=p.grad_clip,
-        seed=ctx.params.seed,
-        amp=engine.amp,
-        channels_last=engine.channels_last,
-        num_workers=engine.num_workers,
-        checkpoint_every_steps=engine.checkpoint_every_steps,
-        progress=engine.progress,
-        desc="teacher",
+    cfg = trainer_config(
+        ctx,
+        p,
+        "teacher",
         # a checkpoint resumes only the same run: same params, data size and starting weights
-        fingerprint=fingerprint(p, backbone, ctx.params.seed, len(dataset), file_digest(init_from)),
+        fingerprint(p, backbone, ctx.params.seed, len(dataset), file_digest(init_from)),
     )
     trainer = Trainer(
         model,
