@@ -69,6 +69,14 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     status = run(["dvc", "status"], repro_repo)
     assert "Data and pipelines are up to date" in status.stdout
 
+    # the other SSL method by a param change; MoCo also reports its pretext (instance) accuracy
+    (repro_repo / "mocov2.yaml").write_text(yaml.safe_dump(smoke_params(ssl={"method": "mocov2"})))
+    moco = run([sys.executable, "-m", "stages.pretrain_ssl", "--params", "mocov2.yaml"], repro_repo)
+    assert moco.returncode == 0, moco.stdout + moco.stderr
+    ssl = json.loads((repro_repo / "metrics/ssl.json").read_text())
+    assert 0.0 <= ssl["pretext_top1"] <= 1.0 and 0.0 <= ssl["knn_top1"] <= 1.0
+    assert "pretext_top1" in (repro_repo / "plots/ssl/history.csv").read_text().splitlines()[0]
+
 
 def test_ddp_teacher_with_two_cpu_processes_matches_one(tmp_path):
     """train_teacher under torchrun (2 processes, gloo) learns as well as one process.
