@@ -50,13 +50,17 @@ from vitkit.losses.distillation import DISTILLATION_TYPES
 from vitkit.models.resnet import build_resnet, load_backbone
 from vitkit.models.vit import ViTConfig, build_vit
 
+TestSplit = tuple[torch.Tensor, torch.Tensor, list[str]]  # images, labels, class names
 
-def evaluate_teacher(ctx: StageContext) -> dict:
+
+def evaluate_teacher(ctx: StageContext, test: TestSplit) -> tuple[dict, torch.Tensor]:
+    """The teacher's report (top-1/5, per class, confusion figure) and its test logits, which the
+    DeiT table reuses for teacher agreement."""
     state, meta = load_weights(ctx.path("artifacts/teacher/model.pt"))
     model = build_resnet(meta["arch"], num_classes=len(meta["classes"]), stem=meta["stem"])
     model.load_state_dict(state)
     model.to(ctx.device)
-    images, labels, classes = load_imagefolder_tensors(ctx.path("data/classification/test"))
+    images, labels, classes = test
     logits = predict_logits(model, images, eval_transform(), ctx.device, ctx.params.evaluate.batch_size)
     report = classification_report(logits, labels, classes)
 
@@ -67,10 +71,10 @@ def evaluate_teacher(ctx: StageContext) -> dict:
         per_class_table(report).to_csv(tmp, index=False)
     ctx.run.log_artifact(figure, "figures")
     ctx.run.log_artifact(table)
-    return report
+    return report, logits
 
 
-def evaluate_ssl(ctx: StageContext) -> dict[str, dict[str, float]]:
+def evaluate_ssl(ctx: StageContext, test: TestSplit) -> dict[str, dict[str, float]]:
     """kNN and linear-probe test top-1 of the frozen SSL backbone and of a randomly initialised twin.
 
     Both read features of ``data/classification/train`` (kNN memory, probe
@@ -78,7 +82,7 @@ def evaluate_ssl(ctx: StageContext) -> dict[str, dict[str, float]]:
     """
     state, meta = load_weights(ctx.path("artifacts/ssl/backbone.pt"))
     train_images, train_labels, classes = load_imagefolder_tensors(ctx.path("data/classification/train"))
-    test_images, test_labels, _ = load_imagefolder_tensors(ctx.path("data/classification/test"))
+    test_images, test_labels, _ = test
     knn = ctx.params.ssl.knn
     normalize = normalize_transform(SSLAugConfig.mean, SSLAugConfig.std)
     rows = {}
@@ -154,14 +158,12 @@ def evaluate_detection(ctx: StageContext) -> dict:
     return {arch: {k: float(v) for k, v in rows.loc[arch].items()} for arch in ARCHS}
 
 
-def evaluate_deit(ctx: StageContext) -> dict[str, dict[str, float | None]]:
+def evaluate_deit(
+    ctx: StageContext, test: TestSplit, teacher_logits: torch.Tensor
+) -> dict[str, dict[str, float | None]]:
     """Each DeiT student head by head, beside the teacher; attention maps of its tokens."""
-    state, meta = load_weights(ctx.path("artifacts/teacher/model.pt"))
-    teacher = build_resnet(meta["arch"], num_classes=len(meta["classes"]), stem=meta["stem"])
-    teacher.load_state_dict(state)
-    images, labels, classes = load_imagefolder_tensors(ctx.path("data/classification/test"))
+    images, labels, classes = test
     batch_size = ctx.params.evaluate.batch_size
-    teacher_logits = predict_logits(teacher.to(ctx.device), images, eval_transform(), ctx.device, batch_size)
     table: dict[str, dict[str, float | None]] = {
         "teacher": {
             "cls_top1": None,
@@ -203,14 +205,15 @@ def evaluate_deit(ctx: StageContext) -> dict[str, dict[str, float | None]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    ssl = evaluate_ssl(ctx)
-    teacher = evaluate_teacher(ctx)
+    test = load_imagefolder_tensors(ctx.path("data/classification/test"))
+    ssl = evaluate_ssl(ctx, test)
+    teacher, teacher_logits = evaluate_teacher(ctx, test)
     detection = evaluate_detection(ctx)
     metrics = {
         "ssl": ssl,
         "teacher": {k: teacher[k] for k in ("top1", "top5", "per_class")},
         "detection": detection,
-        "deit": evaluate_deit(ctx),
+        "deit": evaluate_deit(ctx, test, teacher_logits),
     }
     write_json(ctx.path("metrics/evaluate.json"), metrics)
     flat = {"teacher_top1": teacher["top1"], "teacher_top5": teacher["top5"]}
