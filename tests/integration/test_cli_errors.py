@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,8 +60,22 @@ def assert_one_clear_error(result, *needles: str) -> None:
 )
 def test_bad_params_stop_every_stage_before_it_writes(built_repo, tmp_path, section, override, needle):
     before = snapshot(built_repo)
-    for name in ("prepare", "pretrain_ssl", "train_teacher", "evaluate"):
-        result = stage(built_repo, name, smoke_params(**{section: override}), tmp=tmp_path)
+    params_file = tmp_path / "bad-params.yaml"
+    params_file.write_text(yaml.safe_dump(smoke_params(**{section: override})))
+    # side by side: each process spends its ~6 s importing torch and mlflow before it validates
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", f"stages.{name}", "--params", str(params_file)],
+            cwd=built_repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("prepare", "pretrain_ssl", "train_teacher", "evaluate")
+    ]
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
         assert_one_clear_error(result, "bad-params.yaml", needle)
     assert snapshot(built_repo) == before
 
