@@ -32,10 +32,18 @@ def built_repo(tmp_path_factory):
     return repo
 
 
-def stage(repo: Path, name: str, params: dict, env: dict | None = None, tmp: Path | None = None):
-    params_file = (tmp or repo) / "bad-params.yaml"
+def write_params(folder: Path, params: dict) -> Path:
+    params_file = folder / "bad-params.yaml"
     params_file.write_text(yaml.safe_dump(params))
-    return run([sys.executable, "-m", f"stages.{name}", "--params", str(params_file)], repo, env)
+    return params_file
+
+
+def stage_command(name: str, params_file: Path) -> list[str]:
+    return [sys.executable, "-m", f"stages.{name}", "--params", str(params_file)]
+
+
+def stage(repo: Path, name: str, params: dict, env: dict | None = None, tmp: Path | None = None):
+    return run(stage_command(name, write_params(tmp or repo, params)), repo, env)
 
 
 def assert_one_clear_error(result, *needles: str) -> None:
@@ -60,12 +68,11 @@ def assert_one_clear_error(result, *needles: str) -> None:
 )
 def test_bad_params_stop_every_stage_before_it_writes(built_repo, tmp_path, section, override, needle):
     before = snapshot(built_repo)
-    params_file = tmp_path / "bad-params.yaml"
-    params_file.write_text(yaml.safe_dump(smoke_params(**{section: override})))
+    params_file = write_params(tmp_path, smoke_params(**{section: override}))
     # side by side: each process spends its ~6 s importing torch and mlflow before it validates
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", f"stages.{name}", "--params", str(params_file)],
+            stage_command(name, params_file),
             cwd=built_repo,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -42,19 +42,19 @@ def test_detr_overfits_a_few_images(tmp_path):
     )  # fmt: skip
     model, criterion = build_detr(cfg), build_criterion(cfg)
     optimizer = torch.optim.AdamW(param_groups(model, 2e-4, 2e-4, 1e-4), lr=2e-4, weight_decay=1e-4)
-    first_loss = last_loss = None
+    model.train()
+    step_losses = []
     for _ in range(STEPS):
         batch = [samples[i] for i in torch.randperm(IMAGES)[:BATCH]]
         targets = [{"labels": t["labels"], "boxes": t["boxes"]} for _, t in batch]
-        model.train()
         losses = criterion(model(nested_tensor_from_images([image for image, _ in batch])), targets)
         loss = criterion.weighted_sum(losses)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
-        first_loss = first_loss if first_loss is not None else loss.item()
-        last_loss = loss.item()
+        step_losses.append(loss.item())
+    first_loss, last_loss = step_losses[0], step_losses[-1]
     _, results = predict_coco(model, dataset, PostProcess(top_k=cfg.num_queries), torch.device("cpu"), IMAGES)
     metrics = evaluate_coco(dataset.coco, results)
     assert last_loss < first_loss / 4, (first_loss, last_loss)
