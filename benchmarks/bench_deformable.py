@@ -156,8 +156,8 @@ def build_vitkit(
         deformable_param_groups,
     )
 
-    cfg = DeformableDETRConfig(
-        num_classes=args.num_classes,
+    cfg = DeformableDETRConfig.paper(
+        args.num_classes,
         hidden_dim=args.hidden,
         nheads=args.heads,
         enc_layers=args.layers,

@@ -83,8 +83,8 @@ class Trainer:
 
 
 def build_ours(args: argparse.Namespace, device: torch.device) -> Trainer:
-    cfg = DETRConfig(
-        num_classes=args.num_classes,
+    cfg = DETRConfig.paper(
+        args.num_classes,
         stem=args.stem,
         train_backbone=not args.frozen_backbone,
         hidden_dim=args.hidden_dim,

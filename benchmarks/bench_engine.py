@@ -25,6 +25,7 @@ from vitkit.data.shapes import generate_classification
 from vitkit.data.transforms import train_transform
 from vitkit.engine.device import select_device
 from vitkit.engine.distributed import DistInfo
+from vitkit.engine.task import TrainingTask
 from vitkit.engine.trainer import Trainer, TrainerConfig, to_device
 from vitkit.models.resnet import build_resnet
 
@@ -55,17 +56,37 @@ def bare_loop(dataset, args, device) -> float:
     return len(loader) * args.batch_size / (time.perf_counter() - start)
 
 
-def engine_loop(dataset, args, device, checkpoint_dir: Path) -> float:
-    model = build_resnet(args.arch, 6, stem=args.stem)
+class ClassifierTask(TrainingTask):
+    """A plain classifier: cross-entropy on the batch, as the bare loop computes it."""
 
-    def step(net, batch):
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def step(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
         images, labels = batch
-        return F.cross_entropy(net(images), labels)
+        return {"loss": F.cross_entropy(model(images), labels)}
 
+
+def engine_loop(dataset, args, device, checkpoint_dir: Path) -> float:
+    task = ClassifierTask(build_resnet(args.arch, 6, stem=args.stem))
+    # the former TrainerConfig defaults (today's teacher and engine params, the lr aside)
     cfg = TrainerConfig(
-        epochs=1, batch_size=args.batch_size, lr=1e-3, progress=True, desc="engine", checkpoint_every_steps=50
+        epochs=1,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        weight_decay=0.05,
+        warmup_epochs=1.0,
+        grad_clip=1.0,
+        seed=0,
+        amp=True,
+        channels_last=True,
+        num_workers=0,
+        checkpoint_every_steps=50,
+        desc="engine",
+        fingerprint="",
+        progress=True,
     )
-    trainer = Trainer(model, dataset, step, cfg, device, DistInfo(), checkpoint_dir)
+    trainer = Trainer(task, dataset, cfg, device, DistInfo(), checkpoint_dir)
     start = time.perf_counter()
     trainer.fit()
     if device.type == "cuda":

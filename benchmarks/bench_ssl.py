@@ -26,12 +26,25 @@ from pathlib import Path
 
 import torch
 
+from vitkit.config import SSLParams, load_params
 from vitkit.data.datasets import load_image_dir_tensors
 from vitkit.data.shapes import SHAPE_CLASSES, generate_unlabeled
-from vitkit.data.ssl_transforms import SSLAugConfig, TwoViews, build_ssl_transform
+from vitkit.data.ssl_transforms import TwoViews, build_ssl_transform
 from vitkit.engine.device import select_device
 from vitkit.models.resnet import build_resnet
-from vitkit.models.ssl import SSLConfig, build_ssl_model
+from vitkit.models.ssl import build_ssl_model
+
+PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+# the values the README's numbers were measured with (the library defaults before params.yaml held them)
+MODEL = dict(proj_dim=128, hidden_dim=512, temperature=0.2, queue_size=4096, momentum=0.99, bn_splits=8)
+AUGMENTATION = dict(crop_scale=(0.2, 1.0), jitter=0.4, hue=0.1, jitter_p=0.8, grayscale_p=0.2, blur_p=0.2)
+
+
+def ssl_params(method: str = "mocov2") -> SSLParams:
+    """params.yaml's ``ssl`` section set to the benchmark's model and augmentation."""
+    ssl = load_params(PARAMS).ssl
+    augmentation = ssl.augmentation.model_copy(update=AUGMENTATION)
+    return ssl.model_copy(update={**MODEL, "method": method, "augmentation": augmentation})
 
 
 def make_views(batch_size: int, steps: int, image_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -39,7 +52,7 @@ def make_views(batch_size: int, steps: int, image_size: int) -> list[tuple[torch
     with tempfile.TemporaryDirectory() as tmp:
         generate_unlabeled(Path(tmp), SHAPE_CLASSES, batch_size, image_size, seed=0)
         images = load_image_dir_tensors(Path(tmp) / "images")
-    two_views = TwoViews(build_ssl_transform(SSLAugConfig(size=image_size)))
+    two_views = TwoViews(build_ssl_transform(ssl_params().augmentation, image_size))
     batches = []
     for _ in range(steps):
         pairs = [two_views(image) for image in images]
@@ -90,7 +103,7 @@ def measure(model: torch.nn.Module, batches, device: torch.device) -> tuple[floa
 def build(name: str, arch: str, stem: str) -> torch.nn.Module:
     if name == "plain two-view":
         return PlainTwoView(arch, stem)
-    return build_ssl_model(SSLConfig(method=name), arch, stem)
+    return build_ssl_model(ssl_params(name), arch, stem)
 
 
 def _peak_memory_worker(name: str, args: argparse.Namespace, batches, queue) -> None:

@@ -1,0 +1,1 @@
+"""The Prefect flow that runs the DVC pipeline, and the results summary."""

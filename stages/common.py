@@ -10,8 +10,6 @@ on stderr and exit code 2 (the code the Prefect flow does not retry).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import random
 import sys
@@ -19,16 +17,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from stages.paths import StagePaths, stage_paths
 from vitkit import tracking
-from vitkit.config import OptimParams, Params, flatten, load_params
+from vitkit.config import Params, flatten, load_params
 from vitkit.engine.device import select_device, set_threads
 from vitkit.engine.distributed import DistInfo, init_distributed, shutdown_distributed
-from vitkit.engine.trainer import TrainerConfig
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
 
 
@@ -49,8 +46,13 @@ class StageContext:
     run: tracking.StageRun | NullRun
     variant: str | None = None  # the foreach item of a stage with variants (``train_detr@deformable``)
 
-    def path(self, relative: str) -> Path:
+    def path(self, relative: str | Path) -> Path:
         return self.repo_root / relative
+
+    @property
+    def out(self) -> StagePaths:
+        """This stage's output paths."""
+        return stage_paths(self.name.split("@")[0], self.variant)
 
 
 def seed_everything(seed: int) -> None:
@@ -79,50 +81,6 @@ def dvc_stage_hash(repo_root: Path) -> str:
             return _get_cache_hash(to_single_stage_lockfile(stage), key=True)
     except Exception as exc:  # the tag is informative; never fail a stage over it
         return f"unavailable ({type(exc).__name__}: {exc})"
-
-
-def fingerprint(*sections: Any) -> str:
-    """A short hash of params sections, to tell whether a checkpoint belongs to this run."""
-    blob = json.dumps([s.model_dump() if hasattr(s, "model_dump") else s for s in sections], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def file_digest(path: Path | None) -> str:
-    """sha256 of a file (e.g. the weights a model starts from); empty for None."""
-    if path is None:
-        return ""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def trainer_config(
-    ctx: StageContext, optim: OptimParams, desc: str, fingerprint: str, **overrides: Any
-) -> TrainerConfig:
-    """The engine's config for a stage: its optimiser params, the shared ``engine`` params and the seed.
-
-    ``overrides`` replace derived fields (e.g. DeiT's batch-scaled ``lr``).
-    """
-    engine = ctx.params.engine
-    fields: dict[str, Any] = {
-        "epochs": optim.epochs,
-        "batch_size": optim.batch_size,
-        "lr": optim.lr,
-        "weight_decay": optim.weight_decay,
-        "warmup_epochs": optim.warmup_epochs,
-        "grad_clip": optim.grad_clip,
-        "seed": ctx.params.seed,
-        "amp": engine.amp,
-        "channels_last": engine.channels_last,
-        "num_workers": engine.num_workers,
-        "checkpoint_every_steps": engine.checkpoint_every_steps,
-        "progress": engine.progress,
-        "desc": desc,
-        "fingerprint": fingerprint,
-    }
-    return TrainerConfig(**{**fields, **overrides})
 
 
 def _relaunch_under_torchrun(module: str, nproc: int, argv: list[str]) -> int:

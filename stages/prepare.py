@@ -14,10 +14,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from stages import paths
 from stages.common import StageContext, stage_main
 from vitkit.data import ingest, shapes
 from vitkit.data.card import build_dataset_card, plot_samples
+from vitkit.errors import ConfigError
 from vitkit.io import atomic_dir, write_json
+from vitkit.progress import progress_enabled
 
 SPLITS = ("train", "val", "test")
 
@@ -32,16 +35,9 @@ def prepare_classification(ctx: StageContext, out: Path) -> None:
         "val": cfg.shapes.val_per_class,
         "test": cfg.shapes.test_per_class,
     }
-    with atomic_dir(out) as tmp:
-        shapes.generate_classification(
-            tmp,
-            data.classes,
-            counts,
-            cfg.image_size,
-            ctx.params.seed,
-            data.workers,
-            ctx.params.engine.progress,
-        )
+    shapes.generate_classification(
+        out, data.classes, counts, cfg.image_size, ctx.params.seed, data.workers, progress_enabled()
+    )
 
 
 def prepare_detection(ctx: StageContext, out: Path) -> None:
@@ -50,28 +46,15 @@ def prepare_detection(ctx: StageContext, out: Path) -> None:
         # validate every split before writing any, so a bad test split does not leave a new train split
         for split in SPLITS:
             ingest.validate_coco(Path(cfg.coco[split].annotations), Path(cfg.coco[split].images))
-        with atomic_dir(out) as tmp:
-            for split in SPLITS:
-                ingest.ingest_coco(
-                    Path(cfg.coco[split].annotations), Path(cfg.coco[split].images), tmp / split
-                )
+        for split in SPLITS:
+            ingest.ingest_coco(Path(cfg.coco[split].annotations), Path(cfg.coco[split].images), out / split)
         return
     s = cfg.shapes
     counts = {"train": s.train_images, "val": s.val_images, "test": s.test_images}
-    with atomic_dir(out) as tmp:
-        shapes.generate_detection(
-            tmp,
-            data.classes,
-            counts,
-            cfg.image_size,
-            s.min_objects,
-            s.max_objects,
-            s.min_object_size,
-            s.max_object_size,
-            ctx.params.seed,
-            data.workers,
-            ctx.params.engine.progress,
-        )
+    shapes.generate_detection(
+        out, data.classes, counts, cfg.image_size, s.min_objects, s.max_objects, s.min_object_size,
+        s.max_object_size, ctx.params.seed, data.workers, progress_enabled(),
+    )  # fmt: skip
 
 
 def prepare_unlabeled(ctx: StageContext, out: Path) -> None:
@@ -80,35 +63,41 @@ def prepare_unlabeled(ctx: StageContext, out: Path) -> None:
     if cfg.source == "folder":
         ingest.ingest_image_dir(Path(cfg.path), out, size)
         return
-    with atomic_dir(out) as tmp:
-        shapes.generate_unlabeled(
-            tmp,
-            data.classes,
-            cfg.shapes.images,
-            size,
-            ctx.params.seed,
-            data.workers,
-            ctx.params.engine.progress,
+    shapes.generate_unlabeled(
+        out, data.classes, cfg.shapes.images, size, ctx.params.seed, data.workers, progress_enabled()
+    )
+
+
+def check_shape_classes(ctx: StageContext) -> None:
+    """Generated data can only draw the shapes the generator knows."""
+    data = ctx.params.data
+    sources = (data.classification.source, data.detection.source, data.unlabeled.source)
+    unknown = [c for c in data.classes if c not in shapes.SHAPE_CLASSES]
+    if "shapes" in sources and unknown:
+        raise ConfigError(
+            f"data.classes: {unknown} are not shapes the generator draws; choose from "
+            f"{list(shapes.SHAPE_CLASSES)} (data.classes applies to generated data only)"
         )
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    data_root = ctx.path("data")
+    check_shape_classes(ctx)
+    data_root = ctx.path(paths.DATA)
     # all three are built in temporary folders and swapped in together only when every one succeeded:
     # a bad detection json must not leave a new classification split beside the old detection data
     with (
-        atomic_dir(data_root / "classification") as classification,
-        atomic_dir(data_root / "detection") as detection,
-        atomic_dir(data_root / "unlabeled") as unlabeled,
+        atomic_dir(ctx.path(paths.CLASSIFICATION)) as classification,
+        atomic_dir(ctx.path(paths.DETECTION)) as detection,
+        atomic_dir(ctx.path(paths.UNLABELED)) as unlabeled,
     ):
         prepare_classification(ctx, classification)
         prepare_detection(ctx, detection)
         prepare_unlabeled(ctx, unlabeled)
 
     card = build_dataset_card(data_root)
-    card_path = ctx.path("reports/dataset_card.json")
+    card_path = ctx.path(paths.DATASET_CARD)
     write_json(card_path, card)
-    samples = ctx.path("plots/prepare/samples.png")
+    samples = ctx.path(ctx.out.plot("samples.png"))
     plot_samples(data_root, samples)
     ctx.run.log_artifact(card_path)
     ctx.run.log_artifact(samples, "figures")

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from vitkit.engine.distributed import DistInfo
+from vitkit.engine.task import TrainingTask
 from vitkit.engine.trainer import Trainer, TrainerConfig
 from vitkit.errors import TrainingError
 
@@ -32,34 +33,43 @@ def main() -> int:
     inputs = torch.randn(256, 8)
     labels = (inputs[:, 0] + 0.5 * inputs[:, 1] > 0).long()
     dataset = TensorDataset(inputs, labels)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2))
     calls = {"n": 0}
 
-    def step(net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        calls["n"] += 1
-        time.sleep(args.sleep)
-        loss = F.cross_entropy(net(x + 0.05 * torch.randn_like(x)), y)  # uses the RNG, as augmentation does
-        return loss * float("nan") if calls["n"] == args.nan_at else loss
+    class TinyTask(TrainingTask):
+        def __init__(self) -> None:
+            self.model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 2))
 
-    def evaluate(net: nn.Module) -> dict[str, float]:
-        net.eval()
-        with torch.no_grad():
-            return {"acc": (net(inputs).argmax(1) == labels).float().mean().item()}
+        def step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+            x, y = batch
+            calls["n"] += 1
+            time.sleep(args.sleep)
+            loss = F.cross_entropy(
+                model(x + 0.05 * torch.randn_like(x)), y
+            )  # uses the RNG, as augmentation does
+            return {"loss": loss * float("nan") if calls["n"] == args.nan_at else loss}
+
+        def validate(self, model: nn.Module, epoch: int) -> dict[str, float]:
+            model.eval()
+            with torch.no_grad():
+                return {"acc": (model(inputs).argmax(1) == labels).float().mean().item()}
 
     cfg = TrainerConfig(
         epochs=4,
         batch_size=16,
         lr=0.01,
+        weight_decay=0.05,
         warmup_epochs=0.5,
+        grad_clip=1.0,
+        seed=0,
+        amp=True,
+        channels_last=True,
+        num_workers=0,
         checkpoint_every_steps=5,
-        progress=False,
         desc="tiny",
         fingerprint="tiny-v1",
+        progress=False,
     )
-    trainer = Trainer(
-        model, dataset, step, cfg, torch.device("cpu"), DistInfo(), args.checkpoint_dir, eval_fn=evaluate
-    )
+    trainer = Trainer(TinyTask(), dataset, cfg, torch.device("cpu"), DistInfo(), args.checkpoint_dir)
     try:
         history = trainer.fit()
     except TrainingError as exc:

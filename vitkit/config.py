@@ -1,41 +1,82 @@
 """Typed schema of ``params.yaml``.
 
+``params.yaml`` is the only source of values: the schema has no defaults, so
+every key is required. It states each key's type, range and meaning, and
+``docs/params.md`` is generated from it.
+
 Every stage validates the *whole* file before doing anything, so a typo in a
 section another stage owns is caught at the first stage, not an hour later.
-An unknown key, a wrong type or an out-of-range value becomes one
+A missing or unknown key, a wrong type or an out-of-range value becomes one
 ``ConfigError`` naming the file, the dotted key path and what is allowed.
 
-Run ``python -m vitkit.config check [params.yaml]`` to validate a file, or
-``python -m vitkit.config profile smoke`` to print the ``dvc exp run -S``
-arguments that switch to a profile (see ``profiles/``).
+Run ``python -m vitkit.config check [params.yaml]`` to validate a file,
+``python -m vitkit.config docs --out docs/params.md`` to regenerate the params
+reference, or ``python -m vitkit.config profile smoke`` to print the
+``dvc exp run -S`` arguments that switch to a profile (see ``profiles/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shlex
 import sys
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types as at
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
-from vitkit.data.shapes import SHAPE_CLASSES
 from vitkit.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+DOCS_COMMAND = "python -m vitkit.config docs --out docs/params.md"
+
+
+@dataclass(frozen=True)
+class Shown:
+    """``Annotated`` marker for the params reference only (pydantic ignores it).
+
+    ``name`` replaces the type's name in the *allowed* column (``path`` for a str that
+    names a file); ``note`` is appended to it (``unique``).
+    """
+
+    name: str | None = None
+    note: str | None = None
+
+
+def _unique(values: list[str]) -> list[str]:
+    duplicates = sorted({v for v in values if values.count(v) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate name(s) {', '.join(map(repr, duplicates))}: each must appear once")
+    return values
+
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+OpenFraction = Annotated[float, Field(ge=0, lt=1)]
+PathStr = Annotated[str, Shown(name="path")]
+NameList = Annotated[
+    list[Annotated[str, Field(min_length=1)]],
+    Field(min_length=2),
+    AfterValidator(_unique),
+    Shown(note="unique"),
+]
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, not silently ignored."""
+    """Base of every section: every key is required and unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -43,27 +84,46 @@ class Section(BaseModel):
 class EngineParams(Section):
     """How training runs, shared by every model stage."""
 
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    nproc: PositiveInt = 1
-    amp: bool = True
-    channels_last: bool = True
-    threads: NonNegInt = 0
-    num_workers: NonNegInt = 0
-    checkpoint_every_steps: PositiveInt = 50
-    progress: bool = True
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        description="Device to train on; `auto` takes cuda, then mps, then cpu."
+    )
+    nproc: PositiveInt = Field(
+        description="Processes per model stage; > 1 runs it under torchrun (DDP: gloo on CPU, nccl on GPU)."
+    )
+    amp: bool = Field(description="bf16 autocast on CUDA; ignored on other devices.")
+    channels_last: bool = Field(description="channels_last memory format for image batches on CUDA.")
+    threads: NonNegInt = Field(
+        description="torch intra-op threads; 0 keeps torch's default (split between DDP processes on CPU)."
+    )
+    num_workers: NonNegInt = Field(
+        description="DataLoader worker processes; 0 loads in the training process."
+    )
+    checkpoint_every_steps: PositiveInt = Field(
+        description="Optimiser steps between resumable checkpoints (one is also written at every epoch end)."
+    )
 
 
 class ShapesClassification(Section):
-    train_per_class: PositiveInt = 1000
-    val_per_class: PositiveInt = 100
-    test_per_class: PositiveInt = 200
+    """Size of the generated classification splits."""
+
+    train_per_class: PositiveInt = Field(description="Training images generated per class.")
+    val_per_class: PositiveInt = Field(description="Validation images generated per class.")
+    test_per_class: PositiveInt = Field(description="Test images generated per class.")
 
 
 class ClassificationData(Section):
-    source: Literal["shapes", "imagefolder"] = "shapes"
-    path: str | None = None
-    image_size: Annotated[int, Field(ge=8, le=1024)] = 32
-    shapes: ShapesClassification = ShapesClassification()
+    """The labelled classification data (teacher, DeiT, kNN monitor, linear probe)."""
+
+    source: Literal["shapes", "imagefolder"] = Field(
+        description="`shapes`: generate the synthetic shapes; `imagefolder`: ingest images from `path`."
+    )
+    path: PathStr | None = Field(
+        description="ImageFolder root (train/ val/ test/<class>/<image>); needed when source is imagefolder."
+    )
+    image_size: Annotated[int, Field(ge=8, le=1024)] = Field(
+        description="Side of the square images in pixels (also the unlabelled pool's size)."
+    )
+    shapes: ShapesClassification = Field(description="Split sizes when source is shapes.")
 
     @model_validator(mode="after")
     def _path_given(self) -> ClassificationData:
@@ -73,18 +133,26 @@ class ClassificationData(Section):
 
 
 class CocoSplit(Section):
-    annotations: str
-    images: str
+    """One split of a COCO-format detection dataset."""
+
+    annotations: PathStr = Field(description="the split's COCO annotations json")
+    images: PathStr = Field(description="the folder holding its images")
 
 
 class ShapesDetection(Section):
-    train_images: PositiveInt = 1000
-    val_images: PositiveInt = 100
-    test_images: PositiveInt = 200
-    min_objects: PositiveInt = 1
-    max_objects: PositiveInt = 6
-    min_object_size: Annotated[int, Field(ge=4)] = 8
-    max_object_size: Annotated[int, Field(ge=4)] = 56
+    """Size and content of the generated detection splits."""
+
+    train_images: PositiveInt = Field(description="Training images generated.")
+    val_images: PositiveInt = Field(description="Validation images generated.")
+    test_images: PositiveInt = Field(description="Test images generated.")
+    min_objects: PositiveInt = Field(description="Fewest shapes in an image (<= max_objects).")
+    max_objects: PositiveInt = Field(description="Most shapes in an image.")
+    min_object_size: Annotated[int, Field(ge=4)] = Field(
+        description="Smallest shape, circumscribed diameter in pixels (<= max_object_size)."
+    )
+    max_object_size: Annotated[int, Field(ge=4)] = Field(
+        description="Largest shape, circumscribed diameter in pixels (<= the image size)."
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> ShapesDetection:
@@ -99,10 +167,18 @@ class ShapesDetection(Section):
 
 
 class DetectionData(Section):
-    source: Literal["shapes", "coco"] = "shapes"
-    image_size: Annotated[int, Field(ge=32, le=2048)] = 128
-    coco: dict[Literal["train", "val", "test"], CocoSplit] | None = None
-    shapes: ShapesDetection = ShapesDetection()
+    """The detection data (both train_detr variants)."""
+
+    source: Literal["shapes", "coco"] = Field(
+        description="`shapes`: generate the synthetic shapes; `coco`: ingest the splits listed in `coco`."
+    )
+    image_size: Annotated[int, Field(ge=32, le=2048)] = Field(
+        description="Side of the generated square images in pixels."
+    )
+    coco: dict[Literal["train", "val", "test"], CocoSplit] | None = Field(
+        description="The train, val and test splits to ingest; needed when source is coco."
+    )
+    shapes: ShapesDetection = Field(description="Split sizes and objects per image when source is shapes.")
 
     @model_validator(mode="after")
     def _coco_given(self) -> DetectionData:
@@ -112,13 +188,19 @@ class DetectionData(Section):
 
 
 class ShapesUnlabeled(Section):
-    images: PositiveInt = 10000
+    """Size of the generated unlabelled pool."""
+
+    images: PositiveInt = Field(description="Unlabelled images generated.")
 
 
 class UnlabeledData(Section):
-    source: Literal["shapes", "folder"] = "shapes"
-    path: str | None = None
-    shapes: ShapesUnlabeled = ShapesUnlabeled()
+    """The unlabelled pool SSL pretraining learns from (at the classification image size)."""
+
+    source: Literal["shapes", "folder"] = Field(
+        description="`shapes`: generate the synthetic shapes; `folder`: ingest the images in `path`."
+    )
+    path: PathStr | None = Field(description="A folder of images; needed when source is folder.")
+    shapes: ShapesUnlabeled = Field(description="Pool size when source is shapes.")
 
     @model_validator(mode="after")
     def _path_given(self) -> UnlabeledData:
@@ -128,40 +210,53 @@ class UnlabeledData(Section):
 
 
 class DataParams(Section):
-    classes: list[Literal[SHAPE_CLASSES]] = Field(default=list(SHAPE_CLASSES), min_length=2)  # type: ignore[valid-type]
-    workers: PositiveInt = 2
-    classification: ClassificationData = ClassificationData()
-    detection: DetectionData = DetectionData()
-    unlabeled: UnlabeledData = UnlabeledData()
+    """The three datasets the prepare stage writes under data/: classification, detection, unlabelled."""
+
+    classes: NameList = Field(
+        description="Shape classes of the generated data, in label order "
+        "(any of circle, square, triangle, star, hexagon, cross; checked by the prepare stage)."
+    )
+    workers: PositiveInt = Field(description="Processes generating the shapes data.")
+    classification: ClassificationData = Field(description="The labelled classification splits.")
+    detection: DetectionData = Field(description="The detection splits (COCO format).")
+    unlabeled: UnlabeledData = Field(description="The unlabelled image pool for SSL pretraining.")
 
 
 class OptimParams(Section):
     """AdamW + linear warmup + cosine decay, the recipe every model stage shares."""
 
-    epochs: PositiveInt
-    batch_size: PositiveInt
-    lr: PositiveFloat
-    weight_decay: NonNegFloat = 0.05
-    warmup_epochs: NonNegFloat = 1.0
-    grad_clip: NonNegFloat = 1.0
+    epochs: PositiveInt = Field(description="Passes over the training set.")
+    batch_size: PositiveInt = Field(description="Training images per optimiser step (per process under DDP).")
+    lr: PositiveFloat = Field(description="Peak AdamW learning rate, reached after the warmup.")
+    weight_decay: NonNegFloat = Field(description="AdamW weight decay.")
+    warmup_epochs: NonNegFloat = Field(
+        description="Epochs of linear lr warmup (fractions allowed), then cosine decay to 0."
+    )
+    grad_clip: NonNegFloat = Field(description="Max global gradient norm; 0 turns clipping off.")
 
 
 class BackboneParams(Section):
     """The CNN shared by SSL pretraining, the teacher and the DETR backbones (weights move between them)."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    stem: Literal["imagenet", "small"] = "imagenet"
+    arch: Literal["resnet18", "resnet34", "resnet50"] = Field(description="torchvision ResNet depth.")
+    stem: Literal["imagenet", "small"] = Field(
+        description="`imagenet`: 7x7/2 conv + max-pool (fast); `small`: CIFAR-style 3x3/1 (16x the compute)."
+    )
 
 
 class SSLAugmentation(Section):
     """Strengths of the two-view augmentation (see vitkit/data/ssl_transforms.py)."""
 
-    crop_scale: tuple[Fraction, Fraction] = (0.2, 1.0)
-    jitter: Annotated[float, Field(ge=0, le=1)] = 0.4
-    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.1
-    jitter_p: Annotated[float, Field(ge=0, le=1)] = 0.8
-    grayscale_p: Annotated[float, Field(ge=0, le=1)] = 0.2
-    blur_p: Annotated[float, Field(ge=0, le=1)] = 0.2
+    crop_scale: tuple[Fraction, Fraction] = Field(
+        description="[min, max] area fraction of RandomResizedCrop (min <= max)."
+    )
+    jitter: Probability = Field(description="Colour jitter strength of brightness, contrast and saturation.")
+    hue: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        description="Colour jitter strength of hue (0.5: any hue)."
+    )
+    jitter_p: Probability = Field(description="Probability of applying the colour jitter.")
+    grayscale_p: Probability = Field(description="Probability of converting a view to grayscale.")
+    blur_p: Probability = Field(description="Probability of a 3x3 Gaussian blur.")
 
     @model_validator(mode="after")
     def _ordered(self) -> SSLAugmentation:
@@ -173,23 +268,29 @@ class SSLAugmentation(Section):
 class KnnMonitorParams(Section):
     """Weighted kNN on the labelled classification split, run every ``every_epochs`` epochs."""
 
-    k: PositiveInt = 200
-    temperature: PositiveFloat = 0.1
-    every_epochs: PositiveInt = 1
+    k: PositiveInt = Field(description="Neighbours voting (during pretraining and in evaluate).")
+    temperature: PositiveFloat = Field(description="Temperature of the neighbours' similarity weights.")
+    every_epochs: PositiveInt = Field(
+        description="kNN top-1 on the val split every this many epochs (and after the last)."
+    )
 
 
 class SSLParams(OptimParams):
     """Contrastive pretraining of the backbone on the unlabelled pool (stage pretrain_ssl)."""
 
-    method: Literal["mocov2", "simclr"] = "mocov2"
-    temperature: PositiveFloat = 0.2
-    proj_dim: PositiveInt = 128
-    hidden_dim: PositiveInt = 512
-    queue_size: PositiveInt = 4096  # MoCo v2: negatives kept from past batches
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.99  # MoCo v2: key encoder EMA
-    bn_splits: PositiveInt = 8  # MoCo v2: split batch norm, the single-device shuffle BN
-    augmentation: SSLAugmentation = SSLAugmentation()
-    knn: KnnMonitorParams = KnnMonitorParams()
+    method: Literal["mocov2", "simclr"] = Field(description="Contrastive method.")
+    temperature: PositiveFloat = Field(description="Softmax temperature of the InfoNCE / NT-Xent loss.")
+    proj_dim: PositiveInt = Field(description="Output size of the projection head.")
+    hidden_dim: PositiveInt = Field(description="Hidden layer size of the projection head.")
+    queue_size: PositiveInt = Field(
+        description="MoCo v2: negative keys kept from past batches (>= batch_size); unused by simclr."
+    )
+    momentum: OpenFraction = Field(description="MoCo v2: EMA momentum of the key encoder.")
+    bn_splits: PositiveInt = Field(
+        description="MoCo v2: groups of the split batch norm, the single-device stand-in for shuffle BN."
+    )
+    augmentation: SSLAugmentation = Field(description="The two-view augmentation.")
+    knn: KnnMonitorParams = Field(description="The kNN classifier that monitors and scores the backbone.")
 
     @model_validator(mode="after")
     def _queue_holds_a_batch(self) -> SSLParams:
@@ -202,9 +303,13 @@ class SSLParams(OptimParams):
 
 
 class TeacherParams(OptimParams):
-    init: Literal["ssl", "scratch"] = "ssl"  # ssl: start from pretrain_ssl's backbone
-    label_fraction: Fraction = 1.0
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """The supervised ResNet teacher on the classification data (stage train_teacher)."""
+
+    init: Literal["ssl", "scratch"] = Field(
+        description="`ssl`: start from pretrain_ssl's backbone; `scratch`: random initialisation."
+    )
+    label_fraction: Fraction = Field(description="Stratified fraction of the training labels used.")
+    label_smoothing: OpenFraction = Field(description="Label smoothing of the cross-entropy loss.")
 
 
 ResNetStage = Literal["layer1", "layer2", "layer3", "layer4"]
@@ -213,35 +318,56 @@ ResNetStage = Literal["layer1", "layer2", "layer3", "layer4"]
 class DetrTrainingParams(OptimParams):
     """Training shared by both ``train_detr`` variants (DETR's recipe), so they race on equal terms."""
 
-    init: Literal["ssl", "teacher", "scratch"] = "teacher"  # backbone weights: pretrain_ssl, train_teacher
-    # a whole-model checkpoint in the official release layout (facebookresearch/detr or
-    # fundamentalvision/Deformable-DETR) to fine-tune from; the class head is re-initialised
-    release_checkpoint: str | None = None
-    freeze_backbone: bool = True  # train the transformer only (~2x faster on CPU)
-    lr_backbone: NonNegFloat = 1e-5  # DETR: lr / 10; unused when the backbone is frozen
-    train_scales: list[Annotated[int, Field(ge=32, le=2048)]] = Field(default=[128], min_length=1)
-    crop: bool = False  # DETR's random crop (half of the batches) before the resize
-    eval_size: Annotated[int, Field(ge=32, le=2048)] | None = None  # shorter side at eval; None: as is
-    eval_every: PositiveInt = 1  # COCO AP on the val split every k epochs (and after the last)
-    score_threshold: Annotated[float, Field(ge=0, lt=1)] = 0.0  # post-processing: COCO AP wants all
-    top_k: PositiveInt = 100  # detections kept per image (COCO AP counts 100)
+    lr: PositiveFloat = Field(
+        description="Peak AdamW learning rate of the transformer; detr.lr or deformable.lr replace it."
+    )
+    init: Literal["ssl", "teacher", "scratch"] = Field(
+        description="Backbone weights: `ssl` (pretrain_ssl), `teacher` (train_teacher) or `scratch`."
+    )
+    release_checkpoint: PathStr | None = Field(
+        description="An official DETR / Deformable DETR .pth to fine-tune from (its class head is "
+        "re-initialised); null: build from `init`."
+    )
+    freeze_backbone: bool = Field(
+        description="Train the transformer only (~2x faster on CPU); false: layers 2-4 learn at lr_backbone."
+    )
+    lr_backbone: NonNegFloat = Field(description="Learning rate of the backbone when it is not frozen.")
+    train_scales: list[Annotated[int, Field(ge=32, le=2048)]] = Field(
+        min_length=1,
+        description="Shorter side of training images in pixels, one drawn per image (DETR: 480..800).",
+    )
+    crop: bool = Field(description="DETR's random IoU crop before the resize, on half of the images.")
+    eval_size: Annotated[int, Field(ge=32, le=2048)] | None = Field(
+        description="Shorter side of evaluation images in pixels; null: the images' own size."
+    )
+    eval_every: PositiveInt = Field(
+        description="COCO AP on the val split every this many epochs (and after the last)."
+    )
+    score_threshold: OpenFraction = Field(
+        description="Detections scoring below are dropped (COCO AP wants them all: 0)."
+    )
+    top_k: PositiveInt = Field(description="Detections kept per image (COCO AP counts 100).")
 
 
 class DetrModelParams(Section):
     """DETR's model knobs (``vitkit.models.detr.DETRConfig``)."""
 
-    lr: PositiveFloat | None = None  # this arch's lr, else detr_training.lr (official recipe: 1e-4)
-    return_layer: ResNetStage = "layer4"
-    hidden_dim: PositiveInt = 256
-    nheads: PositiveInt = 8
-    enc_layers: PositiveInt = 6
-    dec_layers: PositiveInt = 6
-    dim_feedforward: PositiveInt = 2048
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    pre_norm: bool = False
-    num_queries: PositiveInt = 100
-    aux_loss: bool = True
-    eos_coef: Annotated[float, Field(gt=0, le=1)] = 0.1
+    lr: PositiveFloat | None = Field(description="This arch's learning rate; null: detr_training.lr.")
+    return_layer: ResNetStage = Field(
+        description="ResNet stage feeding the transformer (128 px: layer3 8x8 tokens, layer4 4x4)."
+    )
+    hidden_dim: PositiveInt = Field(description="Transformer width (even, a multiple of nheads).")
+    nheads: PositiveInt = Field(description="Attention heads.")
+    enc_layers: PositiveInt = Field(description="Transformer encoder layers.")
+    dec_layers: PositiveInt = Field(description="Transformer decoder layers.")
+    dim_feedforward: PositiveInt = Field(description="Hidden size of the transformer's feed-forward blocks.")
+    dropout: OpenFraction = Field(description="Dropout in the transformer.")
+    pre_norm: bool = Field(description="LayerNorm before (not after) each attention and feed-forward block.")
+    num_queries: PositiveInt = Field(
+        description="Object queries: one detection each per image (>= the most objects in one)."
+    )
+    aux_loss: bool = Field(description="Set loss on every decoder layer's output, not only the last.")
+    eos_coef: Fraction = Field(description="Weight of the no-object class in the classification loss.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> DetrModelParams:
@@ -253,22 +379,36 @@ class DetrModelParams(Section):
 class DeformableModelParams(Section):
     """Deformable DETR's model knobs (``vitkit.models.deformable.DeformableDETRConfig``)."""
 
-    lr: PositiveFloat | None = None  # this arch's lr, else detr_training.lr (official recipe: 2e-4)
-    return_layers: list[ResNetStage] = Field(default=["layer2", "layer3", "layer4"], min_length=1)
-    num_feature_levels: PositiveInt = 4  # levels beyond return_layers: stride-2 convs on the last
-    hidden_dim: Annotated[int, Field(gt=0, multiple_of=32)] = 256  # GroupNorm(32) on the inputs
-    nheads: PositiveInt = 8
-    enc_layers: PositiveInt = 6
-    dec_layers: PositiveInt = 6
-    dim_feedforward: PositiveInt = 1024
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    enc_n_points: PositiveInt = 4
-    dec_n_points: PositiveInt = 4
-    num_queries: PositiveInt = 300
-    aux_loss: bool = True
-    with_box_refine: bool = False
-    two_stage: bool = False
-    lr_linear_proj_mult: PositiveFloat = 0.1  # sampling offsets / reference points learn at lr x this
+    lr: PositiveFloat | None = Field(description="This arch's learning rate; null: detr_training.lr.")
+    return_layers: list[ResNetStage] = Field(
+        min_length=1, description="ResNet stages feeding the multi-scale encoder."
+    )
+    num_feature_levels: PositiveInt = Field(
+        description="Feature levels (>= len(return_layers)); extra levels are stride-2 convs on the last."
+    )
+    hidden_dim: Annotated[int, Field(gt=0, multiple_of=32)] = Field(
+        description="Transformer width (a multiple of nheads; GroupNorm(32) on the inputs)."
+    )
+    nheads: PositiveInt = Field(description="Attention heads.")
+    enc_layers: PositiveInt = Field(description="Transformer encoder layers.")
+    dec_layers: PositiveInt = Field(description="Transformer decoder layers.")
+    dim_feedforward: PositiveInt = Field(description="Hidden size of the transformer's feed-forward blocks.")
+    dropout: OpenFraction = Field(description="Dropout in the transformer.")
+    enc_n_points: PositiveInt = Field(description="Sampling points per head and level in the encoder.")
+    dec_n_points: PositiveInt = Field(description="Sampling points per head and level in the decoder.")
+    num_queries: PositiveInt = Field(
+        description="Object queries, the boxes predicted per image (>= the most objects in one)."
+    )
+    aux_loss: bool = Field(description="Set loss on every decoder layer's output, not only the last.")
+    with_box_refine: bool = Field(
+        description="Iterative box refinement: a head per decoder layer refines the previous layer's boxes."
+    )
+    two_stage: bool = Field(
+        description="Encoder proposals become the decoder's queries (needs with_box_refine)."
+    )
+    lr_linear_proj_mult: PositiveFloat = Field(
+        description="Sampling offsets and reference points learn at the lr times this."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> DeformableModelParams:
@@ -292,47 +432,76 @@ class DeitParams(OptimParams):
     replacing the preset's where given. Augmentation knobs set to 0 turn that augmentation off.
     """
 
-    preset: Literal["cpu_tiny", "deit_tiny", "deit_small", "deit_base"] = "cpu_tiny"
-    patch_size: PositiveInt | None = None
-    embed_dim: PositiveInt | None = None
-    depth: PositiveInt | None = None
-    num_heads: PositiveInt | None = None
-    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
-    tau: PositiveFloat = 1.0
-    crop_scale: Annotated[float, Field(gt=0, le=1)] = 0.35
-    randaug_ops: NonNegInt = 2
-    randaug_magnitude: Annotated[int, Field(ge=0, le=30)] = 9
-    random_erasing: Annotated[float, Field(ge=0, le=1)] = 0.25
-    mixup: NonNegFloat = 0.8
-    cutmix: NonNegFloat = 1.0
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    repeated_aug: PositiveInt = 3
-    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    lr: PositiveFloat = Field(
+        description="Learning rate per 512 images (DeiT's rule): the optimiser runs at lr * batch_size / 512."
+    )
+    preset: Literal["cpu_tiny", "deit_tiny", "deit_small", "deit_base"] = Field(
+        description="ViT size preset, built at the data's image size."
+    )
+    patch_size: PositiveInt | None = Field(description="Patch side in pixels; null: the preset's.")
+    embed_dim: PositiveInt | None = Field(description="Token width; null: the preset's.")
+    depth: PositiveInt | None = Field(description="Transformer blocks; null: the preset's.")
+    num_heads: PositiveInt | None = Field(description="Attention heads; null: the preset's.")
+    drop_path: OpenFraction = Field(
+        description="Stochastic depth of the last block (rising linearly from 0 at the first)."
+    )
+    alpha: Probability = Field(description="Weight of the distillation loss against the label loss.")
+    tau: PositiveFloat = Field(description="Temperature of soft distillation.")
+    crop_scale: Fraction = Field(
+        description="Smallest area fraction of RandomResizedCrop (the largest is 1)."
+    )
+    randaug_ops: NonNegInt = Field(
+        description="RandAugment ops per image (DeiT: 2); 0 turns RandAugment off."
+    )
+    randaug_magnitude: Annotated[int, Field(ge=0, le=30)] = Field(
+        description="RandAugment magnitude (DeiT: 9)."
+    )
+    random_erasing: Probability = Field(description="Probability of random erasing (DeiT: 0.25).")
+    mixup: NonNegFloat = Field(description="MixUp alpha (DeiT: 0.8); 0 turns MixUp off.")
+    cutmix: NonNegFloat = Field(description="CutMix alpha (DeiT: 1.0); 0 turns CutMix off.")
+    label_smoothing: OpenFraction = Field(description="Label smoothing of the (mixed) targets.")
+    repeated_aug: PositiveInt = Field(
+        description="Copies of each image per epoch (repeated augmentation, DeiT: 3); 1 turns it off."
+    )
+    ema_decay: OpenFraction = Field(
+        description="Decay of a weights EMA that is validated and saved instead; 0 turns it off."
+    )
 
 
 class EvaluateParams(Section):
-    batch_size: PositiveInt = 256
-    attention_images: PositiveInt = 6  # test images in the DeiT attention-map figures
+    """Inference and the evaluate stage's report."""
+
+    batch_size: PositiveInt = Field(
+        description="Images per batch of every inference pass (validation, features, evaluation)."
+    )
+    attention_images: PositiveInt = Field(description="Test images in the DeiT attention-map figures.")
 
 
 class MlflowParams(Section):
-    experiment: Annotated[str, Field(min_length=1)] = "vitkit"
+    """Experiment tracking."""
+
+    experiment: Annotated[str, Field(min_length=1)] = Field(
+        description="MLflow experiment the runs are logged to."
+    )
 
 
 class Params(Section):
-    seed: NonNegInt = 0
-    engine: EngineParams = EngineParams()
-    data: DataParams = DataParams()
-    backbone: BackboneParams = BackboneParams()
-    ssl: SSLParams
-    teacher: TeacherParams
-    detr_training: DetrTrainingParams
-    detr: DetrModelParams = DetrModelParams()
-    deformable: DeformableModelParams = DeformableModelParams()
-    deit: DeitParams
-    evaluate: EvaluateParams = EvaluateParams()
-    mlflow: MlflowParams = MlflowParams()
+    """The whole ``params.yaml``."""
+
+    seed: NonNegInt = Field(description="Seeds data generation, sampling and initialisation.")
+    engine: EngineParams = Field(description="How training runs, shared by every model stage.")
+    data: DataParams = Field(description="The datasets the prepare stage writes.")
+    backbone: BackboneParams = Field(description="The shared CNN backbone.")
+    ssl: SSLParams = Field(description="SSL pretraining (pretrain_ssl).")
+    teacher: TeacherParams = Field(description="The supervised teacher (train_teacher).")
+    detr_training: DetrTrainingParams = Field(description="Training shared by both train_detr variants.")
+    detr: DetrModelParams = Field(description="The DETR model (train_detr@detr).")
+    deformable: DeformableModelParams = Field(
+        description="The Deformable DETR model (train_detr@deformable)."
+    )
+    deit: DeitParams = Field(description="The DeiT student (distill_deit).")
+    evaluate: EvaluateParams = Field(description="Inference batch size and the evaluate stage's figures.")
+    mlflow: MlflowParams = Field(description="Experiment tracking.")
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -358,7 +527,7 @@ def validate_params(raw: Any, source: str = "params.yaml") -> Params:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise ConfigError(
             f"{source}: {len(problems)} invalid param(s):\n  {listed}{more}\n"
-            "Fix them in the file (README.md lists every key, default and allowed range)."
+            "Fix them in the file (docs/params.md lists every key, its default and what is allowed)."
         ) from None
 
 
@@ -406,6 +575,169 @@ def profile_overrides(name: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+# ------------------------------------------------------------------ the params reference
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _bounds(constraints: list[Any]) -> list[str]:
+    """``[0, 1)``-style range, ``> 0``-style bound and other constraints of a number or string."""
+    low = high = None
+    texts: list[str] = []
+    for c in constraints:
+        if isinstance(c, at.Gt):
+            low = ("(", "> ", c.gt)
+        elif isinstance(c, at.Ge):
+            low = ("[", ">= ", c.ge)
+        elif isinstance(c, at.Lt):
+            high = (")", "< ", c.lt)
+        elif isinstance(c, at.Le):
+            high = ("]", "<= ", c.le)
+        elif isinstance(c, at.MultipleOf):
+            texts.append(f"multiple of {_number(c.multiple_of)}")
+    if low and high:
+        texts.insert(0, f"in {low[0]}{_number(low[2])}, {_number(high[2])}{high[0]}")
+    elif low or high:
+        bound = low or high
+        texts.insert(0, f"{bound[1]}{_number(bound[2])}")
+    return texts
+
+
+def _flatten_annotated(tp: Any, constraints: list[Any]) -> tuple[Any, list[Any]]:
+    """``Annotated[X, ...]`` -> ``X`` and its metadata (a nested ``Field``'s constraints included)."""
+    while get_origin(tp) is Annotated:
+        tp, *extra = get_args(tp)
+        for item in extra:
+            constraints = [*constraints, *(item.metadata if isinstance(item, FieldInfo) else [item])]
+    return tp, constraints
+
+
+def _allowed(tp: Any, constraints: Sequence[Any] = ()) -> str:
+    """What a value of type ``tp`` under ``constraints`` may be, in words (the reference's *allowed*)."""
+    tp, constraints = _flatten_annotated(tp, list(constraints))
+    shown = next((c for c in constraints if isinstance(c, Shown)), Shown())
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        inner = _allowed(Union[tuple(options)] if len(options) > 1 else options[0], constraints)  # noqa: UP007
+        return f"null or {inner}" if len(options) < len(get_args(tp)) else inner
+    if origin is Literal:
+        return "one of: " + ", ".join(str(v) for v in get_args(tp))
+    if origin is list:
+        notes = [f"at least {c.min_length}" for c in constraints if isinstance(c, at.MinLen)]
+        notes += [shown.note] if shown.note else []
+        item = _allowed(get_args(tp)[0]).replace("one of: ", "any of: ", 1)
+        return f"list of {item}" + (f" ({', '.join(notes)})" if notes else "")
+    if origin is tuple:
+        items = get_args(tp)
+        if len(set(items)) == 1:
+            return f"[{', '.join('abcdefgh'[: len(items)])}], each {_allowed(items[0])}"
+        return "[" + ", ".join(_allowed(i) for i in items) + "]"
+    if origin is dict:
+        key, value = get_args(tp)
+        entries = ", ".join(
+            f"{name}: {_allowed(f.annotation, f.metadata)}" for name, f in value.model_fields.items()
+        )
+        return f"mapping of {_allowed(key).removeprefix('one of: ')} to {{{entries}}}"
+    if tp is bool:
+        return "bool"
+    name = shown.name or getattr(tp, "__name__", str(tp))
+    if tp is str and any(isinstance(c, at.MinLen) and c.min_length == 1 for c in constraints):
+        name = f"non-empty {name}"
+    bounds = _bounds(constraints) if tp is not str else []
+    return ", ".join([f"{name} {bounds[0]}", *bounds[1:]]) if bounds else name
+
+
+def _value(value: Any) -> str:
+    """A params.yaml value as it reads in YAML's flow style."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float) and "e" in repr(value):
+        return f"{Decimal(repr(value)):f}"  # 0.00002, as written, not 2e-05
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _is_section(tp: Any) -> bool:
+    return inspect.isclass(tp) and issubclass(tp, Section)
+
+
+def _row(key: str, field: FieldInfo, value: Any) -> str:
+    meaning = field.description or ""
+    mapped = [a for a in get_args(field.annotation) if get_origin(a) is dict]
+    if mapped:  # a mapping of sub-sections (data.detection.coco): say what each entry holds
+        entry = get_args(mapped[0])[1]
+        subkeys = "; ".join(f"`{n}`: {f.description}" for n, f in entry.model_fields.items())
+        meaning = f"{meaning} Each entry: {subkeys}."
+    allowed = _allowed(field.annotation, field.metadata)
+    return f"| `{key}` | `{_cell(_value(value))}` | {_cell(allowed)} | {_cell(meaning)} |"
+
+
+def _leaf_rows(model: type[Section], values: dict[str, Any], prefix: str) -> list[str]:
+    """One row per leaf key under ``model`` (nested sections are walked, not listed)."""
+    rows = []
+    for name, field in model.model_fields.items():
+        if _is_section(field.annotation):
+            rows += _leaf_rows(field.annotation, values[name], f"{prefix}{name}.")
+        else:
+            rows.append(_row(f"{prefix}{name}", field, values[name]))
+    return rows
+
+
+def _subsection_items(model: type[Section], prefix: str) -> list[str]:
+    """A bullet per nested section under ``model`` (at any depth), with its description."""
+    items = []
+    for name, field in model.model_fields.items():
+        if _is_section(field.annotation):
+            items.append(f"- `{prefix}{name}`: {field.description}")
+            items += _subsection_items(field.annotation, f"{prefix}{name}.")
+    return items
+
+
+def _section_text(model: type[BaseModel]) -> str:
+    return inspect.cleandoc(model.__doc__ or "").replace("``", "`")
+
+
+def params_reference(params_path: Path | str = "params.yaml") -> str:
+    """Markdown reference of every params key, generated from the schema; defaults from ``params_path``."""
+    load_params(params_path)  # a reference of an invalid file would document wrong defaults
+    raw = yaml.safe_load(Path(params_path).read_text())
+    lines = [
+        "# Params reference",
+        "",
+        f"<!-- Generated from vitkit/config.py by `{DOCS_COMMAND}`: do not edit by hand. -->",
+        "",
+        "Every key of `params.yaml`, the only source of default values. Every key is required: "
+        "`python -m vitkit.config check` (and every stage, before it starts) rejects a missing or "
+        "unknown key, a wrong type or a value outside *allowed*. Profiles in `profiles/` override "
+        "some of the defaults below.",
+    ]
+    table_head = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    top_level = [(n, f) for n, f in Params.model_fields.items() if not _is_section(f.annotation)]
+    lines += ["", "## Top level", "", *table_head, *(_row(n, f, raw[n]) for n, f in top_level)]
+    for name, field in Params.model_fields.items():
+        if not _is_section(field.annotation):
+            continue
+        section: type[Section] = field.annotation
+        lines += ["", f"## `{name}`", "", _section_text(section)]
+        subsections = _subsection_items(section, f"{name}.")
+        if subsections:
+            lines += ["", *subsections]
+        lines += ["", *table_head, *_leaf_rows(section, raw[name], f"{name}.")]
+    return "\n".join(lines) + "\n"
+
+
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitkit.config", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -413,11 +745,22 @@ def _main(argv: list[str] | None = None) -> int:
     check.add_argument("path", nargs="?", default="params.yaml")
     prof = sub.add_parser("profile", help="print `dvc exp run -S` arguments that apply a profile")
     prof.add_argument("name", help="profile name: a file profiles/<name>.yaml")
+    docs = sub.add_parser("docs", help="write the Markdown reference of every key (docs/params.md)")
+    docs.add_argument("--params", default="params.yaml", help="file the defaults are read from (%(default)s)")
+    docs.add_argument("--out", type=Path, help="write here instead of printing to stdout")
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
             load_params(args.path)
             print(f"{args.path}: ok")
+        elif args.command == "docs":
+            text = params_reference(args.params)
+            if args.out is None:
+                sys.stdout.write(text)
+            else:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(text)
+                print(f"wrote {args.out}")
         else:
             flat = flatten(profile_overrides(args.name))
             print(" ".join(f"-S {shlex.quote(f'{key}={json.dumps(value)}')}" for key, value in flat.items()))

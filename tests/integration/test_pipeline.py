@@ -63,11 +63,24 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     assert (repro_repo / "plots/evaluate/detection_comparison.png").stat().st_size > 0
     check_deit_outputs(repro_repo, evaluate)
 
-    second = run(["dvc", "repro"], repro_repo)
+    for arch in ("detr", "deformable"):  # every loss term of DETR's set loss, per epoch
+        header = (repro_repo / f"plots/detr/{arch}/history.csv").read_text().splitlines()[0].split(",")
+        assert {"train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_class_error"} <= set(header)
+
+    # progress bars are a display setting, not a param: turning them on re-runs nothing
+    second = run(["dvc", "repro"], repro_repo, env={"VITKIT_PROGRESS": "1"})
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
     status = run(["dvc", "status"], repro_repo)
     assert "Data and pipelines are up to date" in status.stdout
+
+    # deps cover the code each stage imports: new post-processing re-scores the detectors
+    postprocess = repro_repo / "vitkit/models/detr/postprocess.py"
+    original = postprocess.read_text()
+    postprocess.write_text(original + "\n# changed\n")
+    changed = run(["dvc", "status"], repro_repo).stdout
+    postprocess.write_text(original)
+    assert "evaluate:" in changed and "train_detr@detr:" in changed and "train_teacher:" not in changed
 
     # the other SSL method by a param change; MoCo also reports its pretext (instance) accuracy
     (repro_repo / "mocov2.yaml").write_text(yaml.safe_dump(smoke_params(ssl={"method": "mocov2"})))

@@ -159,7 +159,7 @@ def test_gradients_reach_logits_and_boxes() -> None:
 
 
 def test_build_criterion_weights_every_decoder_layer() -> None:
-    criterion = build_criterion(DETRConfig(num_classes=7, dec_layers=3, bbox_loss_coef=4.0))
+    criterion = build_criterion(DETRConfig.paper(7, dec_layers=3, bbox_loss_coef=4.0))
     assert criterion.weight_dict == {
         f"{k}{suffix}": w
         for suffix in ("", "_0", "_1")

@@ -29,9 +29,23 @@ CLASSES = ("circle", "square", "star")
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    shapes.generate_classification(root / "classification", CLASSES, {"train": 4, "val": 2}, 32, seed=3)
-    shapes.generate_detection(root / "detection", CLASSES, {"train": 5, "val": 2}, 80, 2, 4, 8, 50, seed=3)
-    shapes.generate_unlabeled(root / "unlabeled", CLASSES, 7, 32, seed=3)
+    shapes.generate_classification(
+        root / "classification", CLASSES, {"train": 4, "val": 2}, 32, seed=3, workers=1, progress=False
+    )
+    shapes.generate_detection(
+        root / "detection",
+        CLASSES,
+        {"train": 5, "val": 2},
+        80,
+        2,
+        4,
+        8,
+        50,
+        seed=3,
+        workers=1,
+        progress=False,
+    )
+    shapes.generate_unlabeled(root / "unlabeled", CLASSES, 7, 32, seed=3, workers=1, progress=False)
     return root
 
 

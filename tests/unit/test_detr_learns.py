@@ -32,12 +32,12 @@ def test_detr_overfits_a_few_images(tmp_path):
     torch.manual_seed(0)
     generate_detection(
         tmp_path, SHAPE_CLASSES, {"train": IMAGES}, image_size=64, min_objects=1, max_objects=3,
-        min_object_size=16, max_object_size=40, seed=0,
+        min_object_size=16, max_object_size=40, seed=0, workers=1, progress=False,
     )  # fmt: skip
     dataset = CocoDetection(tmp_path / "train", eval_transforms(None))
     samples = [dataset[i] for i in range(len(dataset))]
-    cfg = DETRConfig(
-        num_classes=len(SHAPE_CLASSES) + 1, return_layer="layer3", hidden_dim=64, nheads=4, enc_layers=1,
+    cfg = DETRConfig.paper(
+        len(SHAPE_CLASSES) + 1, return_layer="layer3", hidden_dim=64, nheads=4, enc_layers=1,
         dec_layers=2, dim_feedforward=128, dropout=0.0, num_queries=8,
     )  # fmt: skip
     model, criterion = build_detr(cfg), build_criterion(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from vitkit.errors import ConfigError
 from vitkit.losses.distillation import DistillationLoss, build_base_criterion
 
+ROOT = Path(__file__).resolve().parents[2]
 B, C = 4, 5
 
 
@@ -145,7 +147,7 @@ def test_misuse_is_reported():
 
 
 def test_mixer_smooths_like_timm_then_mixes():
-    from vitkit.data.deit_transforms import build_batch_mixer
+    from vitkit.data.deit_transforms import BatchMixer
 
     labels = torch.tensor([0, 3, 1, 4])
     images = torch.randn(B, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -157,11 +159,11 @@ def test_mixer_smooths_like_timm_then_mixes():
         t[torch.arange(B), y] = on
         return t
 
-    same_images, targets = build_batch_mixer(C, 0.0, 0.0, eps)(images, labels)
+    same_images, targets = BatchMixer(C, 0.0, 0.0, eps)(images, labels)
     assert same_images is images and torch.allclose(targets, timm_target(labels))
 
     torch.manual_seed(0)
-    mixup = build_batch_mixer(C, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=eps)
+    mixup = BatchMixer(C, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=eps)
     mixed, targets = mixup(images, labels)
     lam = ((mixed - images.roll(1, 0)) / (images - images.roll(1, 0))).median().item()
     assert torch.allclose(mixed, lam * images + (1 - lam) * images.roll(1, 0), atol=1e-5)
@@ -169,7 +171,7 @@ def test_mixer_smooths_like_timm_then_mixes():
     assert torch.allclose(targets, expected, atol=1e-5)
 
     torch.manual_seed(0)
-    cutmix = build_batch_mixer(C, mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=eps)
+    cutmix = BatchMixer(C, mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=eps)
     cut, targets = cutmix(images, labels)
     kept = (cut == images).all(dim=1).float().mean().item()  # share of pixels still the image's own
     expected = kept * timm_target(labels) + (1 - kept) * timm_target(labels.roll(1, 0))
@@ -180,11 +182,16 @@ def test_mixer_smooths_like_timm_then_mixes():
 def test_train_and_eval_transforms_produce_normalised_tensors():
     from PIL import Image
 
-    from vitkit.data.deit_transforms import DeiTAugConfig, build_deit_train_transform, build_eval_transform
+    from vitkit.config import load_params
+    from vitkit.data.deit_transforms import build_deit_train_transform, build_eval_transform
 
+    # the deit section at the old library defaults: DeiT's recipe, with a crop scale for small images
+    deit = load_params(ROOT / "params.yaml").deit.model_copy(
+        update={"crop_scale": 0.35, "randaug_ops": 2, "randaug_magnitude": 9, "random_erasing": 0.25}
+    )
     pixels = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    train = build_deit_train_transform(DeiTAugConfig(img_size=32, mean=mean, std=std))
+    train = build_deit_train_transform(deit, img_size=32)
     pil = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     for inp in (pixels, pil):
         out = train(inp)

@@ -10,10 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+from torch.utils.data import TensorDataset
 
+from vitkit.data.samplers import RASampler
 from vitkit.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from vitkit.engine.trainer import build_scheduler
+from vitkit.engine.distributed import DistInfo
+from vitkit.engine.task import TrainingTask
+from vitkit.engine.trainer import Trainer, TrainerConfig, build_scheduler
 
 JOB = Path(__file__).resolve().parent.parent / "engine_job.py"
 
@@ -86,37 +91,51 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+def _trainer_config(**fields) -> TrainerConfig:
+    """A CPU test run: the former TrainerConfig defaults for whatever ``fields`` leaves out."""
+    defaults = dict(
+        weight_decay=0.05,
+        warmup_epochs=1.0,
+        grad_clip=1.0,
+        seed=0,
+        amp=True,
+        channels_last=True,
+        num_workers=0,
+        checkpoint_every_steps=50,
+        desc="train",
+        fingerprint="",
+        progress=False,
+    )
+    return TrainerConfig(**{**defaults, **fields})
+
+
 def test_repeated_augmentation_and_a_step_hook_with_its_state_in_the_checkpoint(tmp_path):
     """The sampler DeiT asks for, a hook after every optimizer step, and the hook's state resumed."""
-    from torch.utils.data import TensorDataset
-
-    from vitkit.data.samplers import RASampler
-    from vitkit.engine.distributed import DistInfo
-    from vitkit.engine.trainer import Trainer, TrainerConfig
-
     torch.manual_seed(0)
     dataset = TensorDataset(torch.arange(20.0)[:, None], torch.zeros(20, dtype=torch.long))
     seen: list[float] = []
     state = {"steps": 0}
 
-    def step(net: torch.nn.Module, batch) -> torch.Tensor:
-        seen.extend(batch[0].flatten().tolist())
-        return net(batch[0]).square().mean()
+    class CountingTask(TrainingTask):
+        def __init__(self) -> None:
+            self.model = torch.nn.Linear(1, 1)
+
+        def step(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+            seen.extend(batch[0].flatten().tolist())
+            return {"loss": model(batch[0]).square().mean()}
+
+        def after_step(self) -> None:
+            state.update(steps=state["steps"] + 1)
+
+        def state_dict(self) -> dict:
+            return dict(state)
+
+        def load_state_dict(self, saved: dict) -> None:
+            state.update(saved)
 
     def build(epochs: int) -> Trainer:
-        cfg = TrainerConfig(epochs=epochs, batch_size=4, lr=0.01, repeated_augmentations=2, progress=False)
-        return Trainer(
-            torch.nn.Linear(1, 1),
-            dataset,
-            step,
-            cfg,
-            torch.device("cpu"),
-            DistInfo(),
-            tmp_path,
-            after_step=lambda net: state.update(steps=state["steps"] + 1),
-            extra_state=lambda: dict(state),
-            load_extra_state=lambda saved: state.update(saved),
-        )
+        cfg = _trainer_config(epochs=epochs, batch_size=4, lr=0.01, repeated_augmentations=2)
+        return Trainer(CountingTask(), dataset, cfg, torch.device("cpu"), DistInfo(), tmp_path)
 
     trainer = build(epochs=1)
     assert isinstance(trainer.sampler, RASampler)
@@ -131,3 +150,34 @@ def test_repeated_augmentation_and_a_step_hook_with_its_state_in_the_checkpoint(
     state["steps"] = 0
     assert build(epochs=1).try_resume()
     assert state["steps"] == 5
+
+
+def test_every_term_the_step_returns_is_logged_as_its_epoch_mean(tmp_path):
+    """A task's extra terms become ``train_<name>`` columns, averaged over the epoch's steps."""
+    torch.manual_seed(0)
+    dataset = TensorDataset(torch.randn(24, 3), torch.zeros(24, dtype=torch.long))
+    losses: list[list[float]] = [[], []]  # per epoch, every step's loss
+
+    class HalfTask(TrainingTask):
+        def __init__(self) -> None:
+            self.model = torch.nn.Linear(3, 1)
+            self.epoch = 0
+
+        def step(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+            loss = (model(batch[0]) - 1.0).square().mean()
+            losses[self.epoch].append(loss.item())
+            return {"loss": loss, "half_loss": loss.detach() / 2}
+
+        def validate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
+            self.epoch = epoch  # 1-based: the next epoch's steps go to losses[epoch]
+            return {}
+
+    cfg = _trainer_config(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0.0)
+    history = Trainer(HalfTask(), dataset, cfg, torch.device("cpu"), DistInfo(), tmp_path).fit()
+
+    assert [row["epoch"] for row in history] == [1, 2]
+    for row, epoch_losses in zip(history, losses, strict=True):
+        assert len(epoch_losses) == 6  # 24 samples in batches of 4
+        assert row["train_loss"] == pytest.approx(sum(epoch_losses) / 6, rel=1e-5)
+        assert row["train_half_loss"] == pytest.approx(row["train_loss"] / 2, rel=1e-5)
+    assert history[1]["train_loss"] < history[0]["train_loss"]  # the means are of different epochs

@@ -17,7 +17,7 @@ SPEC = DetectionSpec(image_size=96, min_objects=2, max_objects=5, min_object_siz
 
 
 def _generate(root: Path, seed: int, workers: int) -> None:
-    shapes.generate_classification(root / "cls", SHAPE_CLASSES, CLS_COUNTS, 32, seed, workers)
+    shapes.generate_classification(root / "cls", SHAPE_CLASSES, CLS_COUNTS, 32, seed, workers, progress=False)
     shapes.generate_detection(
         root / "det",
         SHAPE_CLASSES,
@@ -29,8 +29,9 @@ def _generate(root: Path, seed: int, workers: int) -> None:
         SPEC.max_object_size,
         seed,
         workers,
+        progress=False,
     )
-    shapes.generate_unlabeled(root / "unl", SHAPE_CLASSES, 6, 32, seed, workers)
+    shapes.generate_unlabeled(root / "unl", SHAPE_CLASSES, 6, 32, seed, workers, progress=False)
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -60,7 +61,9 @@ def test_same_seed_is_byte_identical_whatever_the_worker_count(generated, tmp_pa
 
 
 def test_different_seeds_give_different_images(generated, tmp_path):
-    shapes.generate_classification(tmp_path / "cls", SHAPE_CLASSES, CLS_COUNTS, 32, seed=1)
+    shapes.generate_classification(
+        tmp_path / "cls", SHAPE_CLASSES, CLS_COUNTS, 32, seed=1, workers=1, progress=False
+    )
     other, base = _digests(tmp_path / "cls"), _digests(generated / "cls")
     assert other.keys() == base.keys()
     assert all(other[k] != base[k] for k in base)
@@ -81,7 +84,9 @@ def test_classification_layout_balance_size_and_variety(generated):
 
 
 def test_a_class_keeps_its_images_when_a_subset_of_classes_is_chosen(generated, tmp_path):
-    shapes.generate_classification(tmp_path, ["star", "circle"], {"train": 2}, 32, seed=0)
+    shapes.generate_classification(
+        tmp_path, ["star", "circle"], {"train": 2}, 32, seed=0, workers=1, progress=False
+    )
     for name in ("star", "circle"):
         for i in range(2):
             rel = Path("train") / name / f"{i:06d}.png"
@@ -96,7 +101,9 @@ def test_unlabeled_images_are_not_copies_of_classification_images(generated):
 
 def test_unknown_class_and_bad_detection_spec_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="pentagon"):
-        shapes.generate_classification(tmp_path, ["circle", "pentagon"], {"train": 1}, 32, seed=0)
+        shapes.generate_classification(
+            tmp_path, ["circle", "pentagon"], {"train": 1}, 32, seed=0, workers=1, progress=False
+        )
     with pytest.raises(ValueError, match="min_object_size"):
         DetectionSpec(image_size=64, min_objects=1, max_objects=2, min_object_size=8, max_object_size=80)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +12,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.config import SSLParams, load_params
 from vitkit.models.resnet import backbone_state_dict, build_resnet, load_backbone
 from vitkit.models.ssl import (
     MoCo,
     SplitBatchNorm,
-    SSLConfig,
     build_ssl_model,
     convert_split_batchnorm,
     gather_from_all_processes,
@@ -24,6 +25,12 @@ from vitkit.models.ssl import (
 torch.set_num_threads(1)
 
 PROJ_DIM = 8
+SSL = load_params(Path(__file__).resolve().parents[2] / "params.yaml").ssl
+
+
+def _ssl_params(**fields) -> SSLParams:
+    """The ``ssl`` section with ``fields``; temperature and momentum at the old library defaults."""
+    return SSL.model_copy(update={"temperature": 0.2, "momentum": 0.99, **fields})
 
 
 def _moco(queue_size: int = 10, momentum: float = 0.9, bn_splits: int = 2) -> MoCo:
@@ -204,7 +211,11 @@ def test_split_batchnorm_uses_fewer_splits_for_a_tiny_batch() -> None:
 
 @pytest.mark.parametrize("method", ["mocov2", "simclr"])
 def test_backbone_gives_pooled_features_and_loads_into_a_plain_resnet(method: str) -> None:
-    model = build_ssl_model(SSLConfig(method=method, queue_size=16, hidden_dim=32, proj_dim=8, bn_splits=2))
+    model = build_ssl_model(
+        _ssl_params(method=method, queue_size=16, hidden_dim=32, proj_dim=8, bn_splits=2),
+        "resnet18",
+        "imagenet",
+    )
     model.train()
     model(_images(4, 1), _images(4, 2))  # move BN running stats away from their init
     model.eval()
@@ -233,7 +244,11 @@ def _loss_on_fixed_batch(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -
 @pytest.mark.parametrize("method", ["mocov2", "simclr"])
 def test_sgd_steps_on_a_fixed_batch_lower_the_loss(method: str) -> None:
     torch.manual_seed(0)
-    model = build_ssl_model(SSLConfig(method=method, queue_size=32, hidden_dim=64, proj_dim=16, bn_splits=2))
+    model = build_ssl_model(
+        _ssl_params(method=method, queue_size=32, hidden_dim=64, proj_dim=16, bn_splits=2),
+        "resnet18",
+        "imagenet",
+    )
     model.train()
     base = _images(4, 7)
     # a batch of 4 images repeated twice, with two fixed "views" each (flip + noise)

@@ -1,4 +1,5 @@
-"""train_detr's wiring: params -> library configs, backbone init sources, model files, the comparison."""
+"""Detection task wiring: params -> library configs, backbone init sources, loss terms, model files,
+the comparison."""
 
 from __future__ import annotations
 
@@ -12,13 +13,7 @@ import torch
 import yaml
 
 from stages.common import StageContext
-from stages.train_detr import (
-    backbone_init,
-    build_model,
-    config_from_meta,
-    model_config,
-    postprocessor_from_meta,
-)
+from stages.train_detr import trunk_init
 from vitkit.config import validate_params
 from vitkit.engine.checkpoint import load_weights, save_weights
 from vitkit.engine.distributed import DistInfo
@@ -27,6 +22,7 @@ from vitkit.evaluation.detection import compare_runs, plot_comparison
 from vitkit.models.deformable import DeformableDETRConfig, TopKPostProcess
 from vitkit.models.detr import DETRConfig, PostProcess
 from vitkit.models.resnet import backbone_state_dict, build_resnet
+from vitkit.tasks.detection import DETECTORS, DetectionTask, detector_config, load_detector
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -50,6 +46,14 @@ def context(tmp_path: Path, **overrides) -> StageContext:
     return StageContext(
         "train_detr@detr", params(**overrides), tmp_path, torch.device("cpu"), DistInfo(), None
     )
+
+
+def model_config(arch: str, p, num_classes: int):
+    return detector_config(arch, getattr(p, arch), p.backbone, p.detr_training, num_classes)
+
+
+def build_model(cfg, trunk):
+    return DETECTORS["detr" if isinstance(cfg, DETRConfig) else "deformable"].build(cfg, trunk)
 
 
 def test_params_become_the_library_configs_of_each_arch():
@@ -94,9 +98,9 @@ def _save_trunk(path: Path, arch: str = "resnet18", stem: str = "imagenet", seed
 
 
 def test_ssl_init_loads_the_pretrain_ssl_backbone_into_the_detr_trunk(tmp_path):
-    state = _save_trunk(tmp_path / "artifacts/ssl/backbone.pt")
+    state = _save_trunk(tmp_path / "artifacts/ssl/model.pt")
     ctx = context(tmp_path, detr_training={"init": "ssl"}, detr=TINY)
-    init = backbone_init(ctx)
+    init = trunk_init(ctx)
     model = build_model(model_config("detr", ctx.params, 7), init)
     body = model.backbone[0].body
     assert torch.equal(body.conv1.weight, state["conv1.weight"])
@@ -112,17 +116,17 @@ def test_teacher_init_drops_the_classifier_and_scratch_needs_no_file(tmp_path):
         teacher.state_dict(),
         {"arch": "resnet18", "stem": "imagenet"},
     )
-    init = backbone_init(context(tmp_path, detr_training={"init": "teacher"}))
+    init = trunk_init(context(tmp_path, detr_training={"init": "teacher"}))
     assert "fc.weight" not in init and torch.equal(init["conv1.weight"], teacher.conv1.weight)
-    assert backbone_init(context(tmp_path, detr_training={"init": "scratch"})) is None
+    assert trunk_init(context(tmp_path, detr_training={"init": "scratch"})) is None
 
 
 def test_missing_or_mismatched_init_weights_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="run the pretrain_ssl stage first"):
-        backbone_init(context(tmp_path, detr_training={"init": "ssl"}))
-    _save_trunk(tmp_path / "artifacts/ssl/backbone.pt", stem="small")
+        trunk_init(context(tmp_path, detr_training={"init": "ssl"}))
+    _save_trunk(tmp_path / "artifacts/ssl/model.pt", stem="small")
     with pytest.raises(ConfigError, match=r"set backbone\.arch and backbone\.stem"):
-        backbone_init(context(tmp_path, detr_training={"init": "ssl"}))
+        trunk_init(context(tmp_path, detr_training={"init": "ssl"}))
 
 
 @pytest.mark.parametrize("arch", ["detr", "deformable"])
@@ -135,14 +139,34 @@ def test_model_file_meta_rebuilds_the_same_model(tmp_path, arch):
     save_weights(tmp_path / "model.pt", model.state_dict(), meta)
 
     state, loaded_meta = load_weights(tmp_path / "model.pt")  # weights_only: meta survives as plain types
-    rebuilt = build_model(config_from_meta(loaded_meta), None).eval()
-    rebuilt.load_state_dict(state)
+    rebuilt, post = load_detector(state, loaded_meta)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(model(images)["pred_boxes"], rebuilt(images)["pred_boxes"])
-    post = postprocessor_from_meta(loaded_meta)
+        assert torch.equal(model(images)["pred_boxes"], rebuilt.eval()(images)["pred_boxes"])
     assert type(post) is (PostProcess if arch == "detr" else TopKPostProcess)
     assert (post.top_k, post.score_threshold) == (5, 0.1)
+
+
+@pytest.mark.parametrize("arch", ["detr", "deformable"])
+def test_the_step_returns_the_objective_and_each_loss_term(arch):
+    """What DETR's engine logs: the weighted sum and every unweighted term of the last decoder layer."""
+    p = params(detr=TINY, deformable={**TINY, "enc_n_points": 2, "dec_n_points": 2})
+    categories = [{"id": i, "name": f"c{i}"} for i in range(3)]
+    torch.manual_seed(0)
+    task = DetectionTask(
+        arch, p.detr_training, getattr(p, arch), p.backbone, categories, None, 2, torch.device("cpu")
+    )
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])},
+        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.7, 0.6, 0.2, 0.2]])},
+    ]
+    terms = task.step(task.model, (images, targets))
+    assert set(terms) == {"loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"}
+    assert terms["loss"].requires_grad and not terms["loss_ce"].requires_grad
+    weights = task.criterion.weight_dict
+    last_layer = sum(weights[k] * terms[k] for k in ("loss_ce", "loss_bbox", "loss_giou"))
+    assert torch.allclose(terms["loss"].detach(), last_layer)  # one decoder layer: no auxiliary terms
 
 
 def _history(aps: list[float], seconds_per_epoch: float) -> pd.DataFrame:

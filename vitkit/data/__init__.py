@@ -1,0 +1,1 @@
+"""Data: the shapes generator, ingest of your own data, datasets, samplers and transforms."""

@@ -14,6 +14,7 @@ import contextlib
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,7 +53,15 @@ def _stack_images(paths: Sequence[Path], where: Path) -> torch.Tensor:
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def load_imagefolder_tensors(split_dir: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+class LabelledImages(NamedTuple):
+    """An in-memory labelled split: uint8 images (N, 3, H, W), int64 labels (N,), class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+
+def load_imagefolder_tensors(split_dir: Path) -> LabelledImages:
     """Load ``split_dir/<class>/<image>`` as (N, 3, H, W) uint8 images, (N,) int64 labels, class names.
 
     Classes are the sorted folder names (label = position), as in torchvision's ImageFolder.
@@ -68,7 +77,7 @@ def load_imagefolder_tensors(split_dir: Path) -> tuple[torch.Tensor, torch.Tenso
         files = _image_files(split_dir / name)
         paths += files
         labels += [label] * len(files)
-    return _stack_images(paths, split_dir), torch.tensor(labels, dtype=torch.int64), classes
+    return LabelledImages(_stack_images(paths, split_dir), torch.tensor(labels, dtype=torch.int64), classes)
 
 
 def load_image_dir_tensors(images_dir: Path) -> torch.Tensor:

@@ -24,7 +24,6 @@ fixed magnitude (no ``mstd0.5`` noise, no ``inc1`` increasing-severity variant).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,53 +31,44 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.transforms import InterpolationMode, v2
 
+from vitkit.config import DeitParams
 from vitkit.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass(frozen=True)
-class DeiTAugConfig:
-    """DeiT's augmentation knobs; defaults are the paper's except the small-image crop scale."""
-
-    img_size: int = 32
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    randaug_num_ops: int = 2  # 0 disables RandAugment
-    randaug_magnitude: int = 9
-    reprob: float = 0.25
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+CROP_RATIO = (3 / 4, 4 / 3)
+HFLIP = 0.5
 
 
-def build_deit_train_transform(cfg: DeiTAugConfig) -> v2.Compose:
-    """Per-image training transform: PIL image or uint8 tensor in, normalised float tensor out."""
-    if not 0.0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1.0:
-        raise ConfigError(f"crop_scale must satisfy 0 < min <= max <= 1, got {cfg.crop_scale}")
+def build_deit_train_transform(p: DeitParams, img_size: int) -> v2.Compose:
+    """Per-image training transform: PIL image or uint8 tensor in, normalised float tensor out.
+
+    ``p`` is the ``deit`` params section: crop_scale, randaug_ops / randaug_magnitude, random_erasing.
+    """
     steps: list[nn.Module] = [
         v2.ToImage(),
         v2.RandomResizedCrop(
-            cfg.img_size,
-            scale=cfg.crop_scale,
-            ratio=cfg.crop_ratio,
+            img_size,
+            scale=(p.crop_scale, 1.0),
+            ratio=CROP_RATIO,
             interpolation=InterpolationMode.BICUBIC,
             antialias=True,
         ),
-        v2.RandomHorizontalFlip(cfg.hflip),
+        v2.RandomHorizontalFlip(HFLIP),
     ]
-    if cfg.randaug_num_ops > 0:
+    if p.randaug_ops > 0:
         steps.append(
             v2.RandAugment(
-                num_ops=cfg.randaug_num_ops,
-                magnitude=cfg.randaug_magnitude,
+                num_ops=p.randaug_ops,
+                magnitude=p.randaug_magnitude,
                 interpolation=InterpolationMode.BILINEAR,
             )
         )
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
-    if cfg.reprob > 0:
-        steps.append(v2.RandomErasing(p=cfg.reprob, value="random"))  # timm's re_mode="pixel"
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if p.random_erasing > 0:
+        steps.append(v2.RandomErasing(p=p.random_erasing, value="random"))  # timm's re_mode="pixel"
     return v2.Compose(steps)
 
 
@@ -110,10 +100,6 @@ class BatchMixer:
     """(images, int labels) -> (mixed images, soft targets), as timm's ``Mixup`` in batch mode."""
 
     def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float):
-        if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ConfigError(f"mixup/cutmix alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         mixers = []
@@ -135,13 +121,6 @@ class BatchMixer:
         return self.mix(images, targets)
 
 
-def build_batch_mixer(
-    num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, label_smoothing: float = 0.1
-) -> BatchMixer:
-    """DeiT's defaults: MixUp 0.8, CutMix 1.0, smoothing 0.1; alpha 0 turns a mixer off."""
-    return BatchMixer(num_classes, mixup_alpha, cutmix_alpha, label_smoothing)
-
-
 def build_model_ema(model: nn.Module, decay: float) -> AveragedModel:
     """Exponential moving average of weights and buffers (DeiT's ``--model-ema``).
 
@@ -151,6 +130,4 @@ def build_model_ema(model: nn.Module, decay: float) -> AveragedModel:
     DeiT's decay 0.99996 assumes ~1250 steps per epoch on ImageNet; on a few
     hundred steps in all, something like 0.99 to 0.999 is the useful range.
     """
-    if not 0.0 < decay < 1.0:
-        raise ConfigError(f"model EMA decay must be in (0, 1), got {decay}")
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -474,8 +474,8 @@ def generate_classification(
     counts: Mapping[str, int],
     image_size: int,
     seed: int,
-    workers: int = 1,
-    progress: bool = False,
+    workers: int,
+    progress: bool,
 ) -> None:
     """Write ``out_dir/<split>/<class>/<index:06d>.png``, ``counts[split]`` RGB images per class.
 
@@ -507,8 +507,8 @@ def generate_detection(
     min_object_size: int,
     max_object_size: int,
     seed: int,
-    workers: int = 1,
-    progress: bool = False,
+    workers: int,
+    progress: bool,
 ) -> None:
     """Write ``out_dir/<split>/images/<index:06d>.png`` and ``out_dir/<split>/annotations.json`` (COCO).
 
@@ -553,8 +553,8 @@ def generate_unlabeled(
     count: int,
     image_size: int,
     seed: int,
-    workers: int = 1,
-    progress: bool = False,
+    workers: int,
+    progress: bool,
 ) -> None:
     """Write ``count`` classification-style images, with no labels, to ``out_dir/images/<index:06d>.png``.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,22 +20,12 @@ from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from vitkit.config import SSLAugmentation
 
-@dataclass
-class SSLAugConfig:
-    """Strengths of the two-view augmentation (defaults: MoCo v2 / SimCLR CIFAR recipe)."""
-
-    size: int = 32
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    jitter: float = 0.4  # brightness = contrast = saturation
-    hue: float = 0.1
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.2
-    blur_sigma: tuple[float, float] = (0.1, 1.0)
-    # maps [0, 1] to [-1, 1]; exact dataset statistics matter little since a BN follows conv1
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+BLUR_SIGMA = (0.1, 1.0)
+# maps [0, 1] to [-1, 1]; exact dataset statistics matter little since a BN follows conv1
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
 
 
 def normalize_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
@@ -44,16 +33,19 @@ def normalize_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.C
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
-def build_ssl_transform(cfg: SSLAugConfig) -> v2.Compose:
-    """One random view of a uint8 (3, H, W) image, as a normalised float tensor."""
+def build_ssl_transform(aug: SSLAugmentation, size: int) -> v2.Compose:
+    """One random view of a uint8 (3, H, W) image, as a normalised float tensor.
+
+    ``aug`` is the ``ssl.augmentation`` params section: the strengths of each part.
+    """
     return v2.Compose(
         [
-            v2.RandomResizedCrop(cfg.size, scale=cfg.crop_scale, antialias=True),
+            v2.RandomResizedCrop(size, scale=aug.crop_scale, antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter, cfg.hue)], p=cfg.jitter_p),
-            v2.RandomGrayscale(p=cfg.grayscale_p),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=cfg.blur_sigma)], p=cfg.blur_p),
-            normalize_transform(cfg.mean, cfg.std),
+            v2.RandomApply([v2.ColorJitter(aug.jitter, aug.jitter, aug.jitter, aug.hue)], p=aug.jitter_p),
+            v2.RandomGrayscale(p=aug.grayscale_p),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=BLUR_SIGMA)], p=aug.blur_p),
+            normalize_transform(MEAN, STD),
         ]
     )
 

@@ -1,0 +1,1 @@
+"""The training loop (Trainer), the TrainingTask contract, checkpoints, devices and DDP."""

@@ -1,17 +1,14 @@
-"""The training loop every model stage shares.
+"""The training loop every method shares.
 
-A stage supplies the model, the dataset and a ``step_fn(model, batch) -> loss``;
-the engine owns the rest: device placement, bf16 autocast on CUDA,
-channels_last, AdamW + linear warmup + cosine decay per step, gradient
-clipping, a progress bar with loss and images/s, a per-epoch evaluation hook,
-checkpoints every N steps (atomic), resume after a kill, a guard against
-non-finite losses, and DDP when launched by torchrun.
-
-Recipes that need more hook in without touching the loop: repeated
-augmentation (``TrainerConfig.repeated_augmentations``, DeiT's sampler),
-per-batch mixing inside ``step_fn``, and a weights EMA through ``after_step``
-(updated after every optimizer step) plus ``extra_state`` / ``load_extra_state``
-(saved in and restored from the checkpoint).
+A method supplies a ``TrainingTask`` (the model and its recipe, see
+``vitkit/engine/task.py``) and a dataset; the engine owns the rest: device
+placement, bf16 autocast on CUDA, channels_last, AdamW + linear warmup +
+cosine decay per step, gradient clipping, a progress bar with loss and
+images/s, every term the task's step returns averaged per epoch, the task's
+validation after each epoch, checkpoints every N steps (atomic) with the
+task's own state, resume after a kill, a guard against non-finite losses, and
+DDP when launched by torchrun. Repeated augmentation (DeiT's sampler) is
+``TrainerConfig.repeated_augmentations``.
 """
 
 from __future__ import annotations
@@ -37,32 +34,33 @@ from vitkit.engine.checkpoint import (
     set_rng_state,
 )
 from vitkit.engine.device import autocast
-from vitkit.engine.distributed import DistInfo, barrier
+from vitkit.engine.distributed import DistInfo, all_reduce_mean, barrier
+from vitkit.engine.task import TrainingTask
 from vitkit.errors import TrainingError
+from vitkit.progress import progress_enabled
 
-StepFn = Callable[[nn.Module, Any], torch.Tensor]
-EvalFn = Callable[[nn.Module], dict[str, float]]
 EpochHook = Callable[[dict[str, float]], None]
-StepHook = Callable[[nn.Module], None]
 
 
 @dataclass
 class TrainerConfig:
+    """How to train; the values come from params.yaml (``vitkit.tasks.trainer_config``), so no defaults."""
+
     epochs: int
     batch_size: int
     lr: float
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
-    repeated_augmentations: int = 1  # > 1: each image this many times per epoch (RASampler)
-    seed: int = 0
-    amp: bool = True
-    channels_last: bool = True
-    num_workers: int = 0
-    checkpoint_every_steps: int = 50
-    progress: bool = True
-    desc: str = "train"
-    fingerprint: str = ""
+    weight_decay: float
+    warmup_epochs: float
+    grad_clip: float  # 0: no clipping
+    seed: int
+    amp: bool  # bf16 autocast on CUDA
+    channels_last: bool  # on CUDA
+    num_workers: int
+    checkpoint_every_steps: int
+    desc: str  # names the run in the progress bar and messages
+    fingerprint: str  # a checkpoint resumes only a run with the same fingerprint
+    repeated_augmentations: int = 1  # > 1: each image this many times per epoch (RASampler); 1 is off
+    progress: bool = field(default_factory=progress_enabled)
 
 
 @dataclass
@@ -109,36 +107,26 @@ def build_scheduler(
 class Trainer:
     def __init__(
         self,
-        model: nn.Module,
+        task: TrainingTask,
         dataset: Dataset,
-        step_fn: StepFn,
         cfg: TrainerConfig,
         device: torch.device,
         dist: DistInfo,
         checkpoint_dir: Path,
-        param_groups: list[dict[str, Any]] | None = None,
         collate_fn: Callable | None = None,
-        eval_fn: EvalFn | None = None,
         on_epoch_end: EpochHook | None = None,
-        extra_state: Callable[[], dict[str, Any]] | None = None,
-        load_extra_state: Callable[[dict[str, Any]], None] | None = None,
-        after_step: StepHook | None = None,
     ) -> None:
+        self.task = task
         self.cfg = cfg
         self.device = device
         self.dist = dist
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.step_fn = step_fn
-        self.eval_fn = eval_fn
         self.on_epoch_end = on_epoch_end
-        self.extra_state = extra_state
-        self.load_extra_state = load_extra_state
-        self.after_step = after_step
         self.use_channels_last = cfg.channels_last and device.type == "cuda"
 
-        self.model = model.to(device)
+        self.model = task.model = task.model.to(device)
         if self.use_channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = task.model = self.model.to(memory_format=torch.channels_last)
         self.train_model: nn.Module = self.model
         if dist.enabled:
             self.train_model = DistributedDataParallel(
@@ -172,7 +160,7 @@ class Trainer:
                 "samples per process; lower the batch size"
             )
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.optimizer = build_optimizer(param_groups or self.model.parameters(), cfg, device)
+        self.optimizer = build_optimizer(task.param_groups() or self.model.parameters(), cfg, device)
         warmup_steps = min(self.total_steps // 2, round(cfg.warmup_epochs * self.steps_per_epoch))
         self.scheduler = build_scheduler(self.optimizer, warmup_steps, self.total_steps)
         self.state = TrainState()
@@ -191,8 +179,9 @@ class Trainer:
             "history": self.state.history,
             "rng": rng_state(),
         }
-        if self.extra_state is not None:
-            ckpt["extra"] = self.extra_state()
+        extra = self.task.state_dict()
+        if extra:
+            ckpt["extra"] = extra
         return ckpt
 
     def save(self, finished: bool = False) -> None:
@@ -218,8 +207,8 @@ class Trainer:
             ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], list(ckpt["history"])
         )
         set_rng_state(ckpt["rng"])
-        if self.load_extra_state is not None and "extra" in ckpt:
-            self.load_extra_state(ckpt["extra"])
+        if "extra" in ckpt:
+            self.task.load_state_dict(ckpt["extra"])
         if self.dist.is_main:
             print(
                 f"[{self.cfg.desc}] resuming from {self.checkpoint_dir} at epoch {self.state.epoch + 1}, "
@@ -257,12 +246,14 @@ class Trainer:
             mininterval=1.0,
             dynamic_ncols=True,
         )
-        loss_sum = torch.zeros((), device=self.device)
+        # every term the task returns, summed on the device: read back once, at the end of the epoch
+        term_sums: dict[str, torch.Tensor] = {}
         steps, images, start = 0, 0, time.perf_counter()
         for batch in self.loader:
             batch = to_device(batch, self.device, self.use_channels_last)
             with autocast(self.device, cfg.amp):
-                loss = self.step_fn(self.train_model, batch)
+                terms = self.task.step(self.train_model, batch)
+            loss = terms["loss"]
             self._check_finite(loss)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -270,10 +261,11 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            if self.after_step is not None:
-                self.after_step(self.model)
+            self.task.after_step()
 
-            loss_sum += loss.detach()
+            for name, value in terms.items():
+                value = torch.as_tensor(value).detach().to(self.device, torch.float32)
+                term_sums[name] = term_sums[name] + value if name in term_sums else value
             steps += 1
             images += cfg.batch_size * self.dist.world_size
             state.step_in_epoch += 1
@@ -290,8 +282,12 @@ class Trainer:
                 self.save()
         bar.close()
         elapsed = time.perf_counter() - start
+        means = {f"train_{name}": total / max(steps, 1) for name, total in term_sums.items()}
+        if means:  # averaged over the processes too, not rank 0's alone
+            averaged = all_reduce_mean(torch.stack(list(means.values()))).tolist()
+            means = dict(zip(means, averaged, strict=True))
         return {
-            "train_loss": (loss_sum / max(steps, 1)).item(),
+            **means,
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_s": images / elapsed if elapsed > 0 else math.nan,
             "epoch_time_s": elapsed,
@@ -304,8 +300,8 @@ class Trainer:
                 self.on_epoch_end(row)
         while self.state.epoch < self.cfg.epochs:
             row: dict[str, float] = {"epoch": self.state.epoch + 1, **self._train_epoch()}
-            if self.eval_fn is not None and self.dist.is_main:
-                row.update(self.eval_fn(self.model))
+            if self.dist.is_main:
+                row.update(self.task.validate(self.model, self.state.epoch + 1))
             barrier()
             self.state.history.append(row)
             self.state.epoch += 1

@@ -1,0 +1,1 @@
+"""Metrics, figures and reports of trained models: classification, kNN / linear probe, COCO AP, attention."""

@@ -22,7 +22,7 @@ def predict_logits(
     images: torch.Tensor,
     transform: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
-    batch_size: int = 256,
+    batch_size: int,
 ) -> torch.Tensor:
     """Logits for uint8 images (N,3,H,W), in eval mode, batched."""
     if isinstance(model, nn.Module):

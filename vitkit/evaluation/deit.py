@@ -16,7 +16,7 @@ def predict_heads(
     images: torch.Tensor,
     transform: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
-    batch_size: int = 256,
+    batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(class-head logits, distillation-head logits or None for a ViT without distillation token)."""
     model.eval()

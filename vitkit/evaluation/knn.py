@@ -53,8 +53,8 @@ def weighted_knn_predict(
     train_labels: torch.Tensor,
     test_feats: torch.Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
+    k: int,
+    temperature: float,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Predicted class of each test feature by similarity-weighted kNN vote (features L2-normalised).
@@ -84,8 +84,8 @@ def knn_accuracy(
     test_feats: torch.Tensor,
     test_labels: torch.Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
+    k: int,
+    temperature: float,
 ) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of ``weighted_knn_predict`` on labelled test features."""
     preds = weighted_knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature)

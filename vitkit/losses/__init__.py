@@ -1,0 +1,1 @@
+"""Loss functions of the methods: contrastive (NT-Xent, InfoNCE) and DeiT distillation."""

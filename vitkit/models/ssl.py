@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
+from vitkit.config import SSLParams
 from vitkit.losses.contrastive import info_nce, nt_xent
 from vitkit.models.resnet import build_resnet, feature_dim
 
@@ -233,7 +232,7 @@ class MoCo(nn.Module):
         queue_size: int,
         momentum: float,
         temperature: float,
-        bn_splits: int = 8,
+        bn_splits: int,
     ) -> None:
         super().__init__()
         if queue_size < 1 or not 0.0 <= momentum <= 1.0 or bn_splits < 1:
@@ -295,21 +294,12 @@ class MoCo(nn.Module):
         return loss, logits, labels
 
 
-@dataclass
-class SSLConfig:
-    """Hyper-parameters of the SSL model; the trunk (arch, stem) and the optimiser live elsewhere."""
+def build_ssl_model(cfg: SSLParams, arch: str, stem: str) -> SimCLR | MoCo:
+    """The SSL model named by ``cfg.method`` around a ``build_resnet(arch, stem=stem)`` trunk.
 
-    method: Literal["mocov2", "simclr"] = "mocov2"
-    proj_dim: int = 128
-    hidden_dim: int = 512
-    temperature: float = 0.2
-    queue_size: int = 4096
-    momentum: float = 0.99
-    bn_splits: int = 8
-
-
-def build_ssl_model(cfg: SSLConfig, arch: str = "resnet18", stem: str = "imagenet") -> SimCLR | MoCo:
-    """The SSL model named by ``cfg.method`` around a ``build_resnet(arch, stem=stem)`` trunk."""
+    ``cfg`` is the ``ssl`` params section (its model fields: method, proj_dim, hidden_dim,
+    temperature and, for MoCo, queue_size, momentum, bn_splits).
+    """
 
     def backbone() -> models.ResNet:
         return build_resnet(arch, num_classes=1, stem=stem)

@@ -31,13 +31,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, sigmoid_focal_loss
 
-from vitkit.errors import ConfigError
 from vitkit.models.deformable.deformable_transformer import DeformableTransformer, inverse_sigmoid
 from vitkit.models.detr.backbone import Joiner, NestedTensor, build_backbone
 from vitkit.models.detr.criterion import SetCriterion, _prediction_index
@@ -317,7 +317,12 @@ class TopKPostProcess(PostProcess):
 
 @dataclass(frozen=True)
 class DeformableDETRConfig:
-    """Everything that defines a Deformable DETR model and its loss; defaults are the paper's.
+    """Everything that defines a Deformable DETR model and its loss.
+
+    The fields params.yaml sets (the ``deformable`` section, the ``backbone`` trunk and
+    ``num_classes``) have no default: ``vitkit.tasks.detection`` builds the config from the
+    validated params. Matching costs, loss weights and the focal loss are the paper's.
+    ``DeformableDETRConfig.paper(num_classes)`` is the paper's model on a ResNet-18 trunk.
 
     Feature levels. With the ImageNet stem (default) layer2..4 have strides 8, 16, 32 and one
     extra stride-2 conv adds 64: the paper's pyramid, on a 128x128 image 16², 8², 4², 2² = 340
@@ -325,27 +330,27 @@ class DeformableDETRConfig:
     are 1, 2, 4, 8 for layer1..4, so layer2..4 on 128x128 would be 64², 32², 16² — 5376 tokens,
     too many for a CPU; use ``return_layers=("layer3", "layer4")`` and ``num_feature_levels=3``
     there: 32², 16², 8² (strides 4, 8, 16; 1344 tokens). Official releases: ``arch="resnet50"``
-    and the defaults below.
+    and ``paper()``.
     """
 
     num_classes: int  # largest category id + 1
-    arch: str = "resnet18"
-    stem: str = "imagenet"  # vitkit.models.resnet.STEMS
-    train_backbone: bool = True
-    return_layers: tuple[str, ...] = ("layer2", "layer3", "layer4")
-    num_feature_levels: int = 4
-    hidden_dim: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 1024
-    dropout: float = 0.1
-    enc_n_points: int = 4
-    dec_n_points: int = 4
-    num_queries: int = 300
-    aux_loss: bool = True
-    with_box_refine: bool = False
-    two_stage: bool = False
+    arch: str
+    stem: str  # vitkit.models.resnet.STEMS
+    train_backbone: bool
+    return_layers: tuple[str, ...]
+    num_feature_levels: int
+    hidden_dim: int
+    nheads: int
+    enc_layers: int
+    dec_layers: int
+    dim_feedforward: int
+    dropout: float
+    enc_n_points: int
+    dec_n_points: int
+    num_queries: int
+    aux_loss: bool
+    with_box_refine: bool
+    two_stage: bool
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
     set_cost_giou: float = 2.0
@@ -355,42 +360,31 @@ class DeformableDETRConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
 
-    def __post_init__(self) -> None:
-        positive = (
-            "num_classes",
-            "hidden_dim",
-            "nheads",
-            "enc_layers",
-            "dec_layers",
-            "dim_feedforward",
-            "enc_n_points",
-            "dec_n_points",
-            "num_queries",
-        )
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"deformable_detr.{key} must be >= 1, got {getattr(self, key)}")
-        if self.hidden_dim % 32 or self.hidden_dim % self.nheads:
-            raise ConfigError(
-                f"deformable_detr.hidden_dim ({self.hidden_dim}) must be a multiple of 32 (GroupNorm "
-                f"groups) and of deformable_detr.nheads ({self.nheads})"
-            )
-        if not self.return_layers:
-            raise ConfigError(
-                "deformable_detr.return_layers is empty; list ResNet stages, e.g. [layer3, layer4]"
-            )
-        if self.num_feature_levels < len(self.return_layers):
-            raise ConfigError(
-                f"deformable_detr.num_feature_levels ({self.num_feature_levels}) must be at least the number "
-                f"of return_layers ({len(self.return_layers)}); extra levels are added by stride-2 convs"
-            )
-        if self.two_stage and not self.with_box_refine:
-            raise ConfigError(
-                "deformable_detr.two_stage needs with_box_refine: true (the proposal head is the extra "
-                "box-refinement head); set both, as the paper's two-stage variant does"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"deformable_detr.dropout must be in [0, 1), got {self.dropout}")
+    @classmethod
+    def paper(cls, num_classes: int, **overrides: Any) -> DeformableDETRConfig:
+        """The paper's Deformable DETR (6+6 layers of width 256, 300 queries, 4 levels) with ``overrides``."""
+        return cls(**{**PAPER_DEFORMABLE, "num_classes": num_classes, **overrides})
+
+
+PAPER_DEFORMABLE = {
+    "arch": "resnet18",
+    "stem": "imagenet",
+    "train_backbone": True,
+    "return_layers": ("layer2", "layer3", "layer4"),
+    "num_feature_levels": 4,
+    "hidden_dim": 256,
+    "nheads": 8,
+    "enc_layers": 6,
+    "dec_layers": 6,
+    "dim_feedforward": 1024,
+    "dropout": 0.1,
+    "enc_n_points": 4,
+    "dec_n_points": 4,
+    "num_queries": 300,
+    "aux_loss": True,
+    "with_box_refine": False,
+    "two_stage": False,
+}
 
 
 def build_deformable_detr(

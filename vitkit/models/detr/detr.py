@@ -13,18 +13,17 @@ data's ids 1..6 need ``num_classes=7``), and index ``num_classes`` is "no object
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.errors import ConfigError
 from vitkit.models.detr.backbone import Joiner, NestedTensor, build_backbone
 from vitkit.models.detr.criterion import SetCriterion
 from vitkit.models.detr.matcher import HungarianMatcher
 from vitkit.models.detr.position_encoding import build_position_encoding
 from vitkit.models.detr.transformer import Transformer, build_transformer
-from vitkit.models.resnet import ARCHS, STEMS
 
 
 class MLP(nn.Module):
@@ -91,59 +90,60 @@ class DETR(nn.Module):
 
 @dataclass(frozen=True)
 class DETRConfig:
-    """Everything that defines a DETR model and its set loss; defaults are the paper's (R18 trunk)."""
+    """Everything that defines a DETR model and its set loss.
+
+    The fields params.yaml sets (the ``detr`` section, the ``backbone`` trunk and ``num_classes``
+    from the data) have no default: ``vitkit.tasks.detection`` builds the config from the params,
+    which validate them. The matching costs and loss weights are the paper's; no param changes
+    them. ``DETRConfig.paper(num_classes)`` is the paper's model on a ResNet-18 trunk.
+    """
 
     num_classes: int  # largest category id + 1
-    arch: str = "resnet18"
-    stem: str = "imagenet"  # vitkit.models.resnet.STEMS; "small" puts layer4 at stride 8 instead of 32
-    train_backbone: bool = True
+    arch: str
+    stem: str  # vitkit.models.resnet.STEMS; "small" puts layer4 at stride 8 instead of 32
+    train_backbone: bool
     # The ResNet stage whose map feeds the transformer. DETR: layer4 (stride 32); on small images an
     # earlier stage gives more tokens (128 px: layer4 4x4, layer3 8x8) at the price of fewer channels.
-    return_layer: str = "layer4"
-    hidden_dim: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    pre_norm: bool = False
-    num_queries: int = 100
-    aux_loss: bool = True
+    return_layer: str
+    hidden_dim: int
+    nheads: int
+    enc_layers: int
+    dec_layers: int
+    dim_feedforward: int
+    dropout: float
+    pre_norm: bool
+    num_queries: int
+    aux_loss: bool
+    eos_coef: float
     set_cost_class: float = 1.0
     set_cost_bbox: float = 5.0
     set_cost_giou: float = 2.0
-    eos_coef: float = 0.1
     ce_loss_coef: float = 1.0
     bbox_loss_coef: float = 5.0
     giou_loss_coef: float = 2.0
 
-    def __post_init__(self) -> None:
-        positive = (
-            "num_classes",
-            "hidden_dim",
-            "nheads",
-            "enc_layers",
-            "dec_layers",
-            "dim_feedforward",
-            "num_queries",
-        )
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise ConfigError(f"detr.{key} must be >= 1, got {getattr(self, key)}")
-        if self.hidden_dim % self.nheads or self.hidden_dim % 2:
-            raise ConfigError(
-                f"detr.hidden_dim ({self.hidden_dim}) must be even and a multiple of "
-                f"detr.nheads ({self.nheads})"
-            )
-        if self.arch not in ARCHS or self.stem not in STEMS:
-            raise ConfigError(
-                f"detr backbone arch {self.arch!r} / stem {self.stem!r} unknown; choose arch from {ARCHS} "
-                f"and stem from {STEMS}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"detr.dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 < self.eos_coef <= 1.0:
-            raise ConfigError(f"detr.eos_coef must be in (0, 1], got {self.eos_coef}")
+    @classmethod
+    def paper(cls, num_classes: int, **overrides: Any) -> DETRConfig:
+        """The paper's DETR (6+6 layers of width 256, 100 queries, layer4) with ``overrides``."""
+        return cls(**{**PAPER_DETR, "num_classes": num_classes, **overrides})
+
+
+PAPER_DETR = {
+    "arch": "resnet18",
+    "stem": "imagenet",
+    "train_backbone": True,
+    "return_layer": "layer4",
+    "hidden_dim": 256,
+    "nheads": 8,
+    "enc_layers": 6,
+    "dec_layers": 6,
+    "dim_feedforward": 2048,
+    "dropout": 0.1,
+    "pre_norm": False,
+    "num_queries": 100,
+    "aux_loss": True,
+    "eos_coef": 0.1,
+}
 
 
 def build_detr(cfg: DETRConfig, backbone_state: dict[str, Tensor] | None = None) -> DETR:

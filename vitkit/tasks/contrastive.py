@@ -1,0 +1,126 @@
+"""Contrastive pretraining (SimCLR / MoCo v2) as a task, and how its backbone is judged.
+
+The recipe: two augmented views of every unlabelled image through the SSL
+model of ``ssl.method``; the step returns the contrastive loss and, for MoCo,
+its pretext top-1 (is the positive key the top logit?), the earliest sign the
+encoders learn, long before the kNN monitor moves. Validation is a weighted
+kNN classifier on a labelled split, every ``ssl.knn.every_epochs`` epochs and
+after the last. The backbone's test (``evaluate_backbone``) is kNN and a
+linear probe on frozen features, beside the same trunk with random weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitkit.config import BackboneParams, KnnMonitorParams, SSLParams
+from vitkit.data.datasets import LabelledImages
+from vitkit.data.ssl_transforms import (
+    MEAN,
+    STD,
+    TwoViewDataset,
+    TwoViews,
+    build_ssl_transform,
+    normalize_transform,
+)
+from vitkit.engine.task import TrainingTask
+from vitkit.evaluation.knn import extract_features, knn_accuracy
+from vitkit.evaluation.linear_probe import linear_probe
+from vitkit.models.resnet import build_resnet, load_backbone
+from vitkit.models.ssl import build_ssl_model
+
+NORMALIZE = normalize_transform(MEAN, STD)  # uint8 -> the SSL trunk's input
+
+
+def two_view_dataset(images: torch.Tensor, p: SSLParams) -> TwoViewDataset:
+    """Unlabelled images served as two random views with the ``ssl.augmentation`` strengths."""
+    return TwoViewDataset(images, TwoViews(build_ssl_transform(p.augmentation, images.shape[-1])))
+
+
+def knn_top1(
+    trunk: nn.Module, memory: LabelledImages, queries: LabelledImages, knn: KnnMonitorParams, batch_size: int
+) -> float:
+    """Weighted kNN top-1 of ``queries`` against ``memory`` in ``trunk``'s L2-normalised feature space."""
+    features = [extract_features(trunk, split.images, batch_size, NORMALIZE) for split in (memory, queries)]
+    return knn_accuracy(
+        features[0],
+        memory.labels,
+        features[1],
+        queries.labels,
+        len(memory.classes),
+        knn.k,
+        knn.temperature,
+    )
+
+
+class ContrastiveTask(TrainingTask):
+    """SimCLR or MoCo v2 (``p.method``) around a ``backbone`` ResNet, monitored by kNN."""
+
+    def __init__(
+        self,
+        p: SSLParams,
+        backbone: BackboneParams,
+        knn_memory: LabelledImages,
+        knn_queries: LabelledImages,
+        eval_batch_size: int,
+    ) -> None:
+        self.p = p
+        self.model = build_ssl_model(p, backbone.arch, backbone.stem)
+        self.knn_memory, self.knn_queries = knn_memory, knn_queries
+        self.eval_batch_size = eval_batch_size
+
+    def step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = model(*batch)
+        if not isinstance(out, tuple):
+            return {"loss": out}
+        loss, logits, labels = out
+        return {"loss": loss, "pretext_top1": (logits.detach().argmax(1) == labels).float().mean()}
+
+    def knn_top1(self, model: nn.Module) -> float:
+        return knn_top1(model.backbone, self.knn_memory, self.knn_queries, self.p.knn, self.eval_batch_size)
+
+    def final_model(self) -> nn.Module:
+        """The trunk: the projection head is thrown away after pretraining, as in both papers."""
+        return self.model.backbone
+
+    def validate(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        if epoch % self.p.knn.every_epochs and epoch != self.p.epochs:
+            return {"knn_top1": float("nan")}
+        return {"knn_top1": self.knn_top1(model)}
+
+
+def evaluate_backbone(
+    trunk_state: dict[str, torch.Tensor],
+    meta: dict,
+    train: LabelledImages,
+    test: LabelledImages,
+    knn: KnnMonitorParams,
+    seed: int,
+    device: torch.device,
+    batch_size: int,
+) -> dict[str, dict[str, float]]:
+    """kNN and linear-probe test top-1 of a frozen SSL trunk and of its randomly initialised twin.
+
+    Both read features of ``train`` (kNN memory, probe training set) and are scored on ``test``.
+    """
+    rows = {}
+    for name, weights in (("ssl", trunk_state), ("random_init", None)):
+        torch.manual_seed(seed)
+        trunk = build_resnet(meta["arch"], num_classes=1, stem=meta["stem"])
+        trunk.fc = nn.Identity()
+        if weights is not None:
+            load_backbone(trunk, weights)
+        trunk.to(device)
+        train_feats, test_feats = (
+            extract_features(trunk, split.images, batch_size, NORMALIZE) for split in (train, test)
+        )
+        rows[name] = {
+            "knn_top1": knn_accuracy(
+                train_feats, train.labels, test_feats, test.labels, len(train.classes), knn.k, knn.temperature
+            ),
+            "linear_probe_top1": linear_probe(
+                train_feats, train.labels, test_feats, test.labels, len(train.classes), seed=seed
+            ),
+        }
+    return rows
