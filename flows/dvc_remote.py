@@ -27,7 +27,7 @@ from pathlib import Path
 from vitkit.errors import USER_ERROR_EXIT_CODE, RemoteError
 
 PROBE_TIMEOUT_S = 30.0
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where `flows` imports from, for the probe child
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the probe child runs here, to import `flows`
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,16 @@ class Remote:
 
 def configured_remote(repo: Path, name: str | None = None) -> Remote:
     """The remote ``name``, or the checkout's default one, from its DVC config (no network)."""
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo(str(repo)) as dvc_repo:
-        config = dvc_repo.config
+    try:
+        with Repo(str(repo)) as dvc_repo:
+            config = dvc_repo.config
+    except NotDvcRepoError as exc:
+        raise RemoteError(
+            f"{repo} is not a DVC repository (no .dvc/ folder); run this in a checkout"
+        ) from exc
     name = name or config["core"].get("remote")
     if not name:
         raise RemoteError(
@@ -67,12 +73,9 @@ def check(repo: Path, remote: str | None = None, timeout_s: float = PROBE_TIMEOU
     for it (with the checkout's credentials and options) in a child process killed after
     ``timeout_s``. Raises ``RemoteError`` when it cannot be reached."""
     found = configured_remote(repo, remote)
+    repo = Path(repo).resolve()
     cmd = [sys.executable, "-m", "flows.dvc_remote", "--repo", str(repo), "--remote", found.name, "probe"]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    result = _run(cmd, _PROJECT_ROOT, timeout_s, env)
+    result = _run(cmd, _PROJECT_ROOT, timeout_s)
     if result is None:
         raise RemoteError(
             f"DVC remote {found} did not answer within {timeout_s:.0f} s; check its URL "
@@ -136,18 +139,10 @@ def _transfer(cmd: list[str], repo: Path, remote: Remote, timeout_s: float | Non
     )
 
 
-def _run(
-    cmd: list[str], cwd: Path, timeout_s: float | None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str] | None:
+def _run(cmd: list[str], cwd: Path, timeout_s: float | None) -> subprocess.CompletedProcess[str] | None:
     """Run ``cmd`` to the end, or kill it with all its children after ``timeout_s`` (then None)."""
     process = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)

@@ -63,8 +63,6 @@ def test_a_fresh_clone_pulls_the_results_and_has_nothing_to_run(tmp_path):
     machine_b = tmp_path / "b"
     timed(["git", "clone", "-q", str(machine_a), str(machine_b)], tmp_path)
     dvc_remote.pull(machine_b)
-    status = run(["dvc", "status"], machine_b)
-    assert "Data and pipelines are up to date" in status.stdout, status.stdout
     noop, repro_b = timed(["dvc", "repro"], machine_b)
     assert "Running stage" not in noop.stdout, noop.stdout
     for path in (
