@@ -39,14 +39,14 @@ def lock_outs(repo: Path) -> dict[str, dict[str, str]]:
 
 def timed(cmd: list[str], repo: Path) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.perf_counter()
-    result = run(cmd, repo)
+    result = run(cmd, repo, timeout=3600)  # the whole smoke DAG: over 10 min on a busy 2-core CPU
     assert result.returncode == 0, result.stdout + result.stderr
     return result, time.perf_counter() - started
 
 
 @pytest.mark.slow
 def test_a_fresh_clone_pulls_the_results_and_has_nothing_to_run(tmp_path):
-    """~4 min on 2 cores: the smoke pipeline on A, then pull and no-op repro on B."""
+    """The smoke pipeline on A (minutes), then pull and a no-op repro on B."""
     remote = tmp_path / "remote"
     machine_a = make_pipeline_repo(tmp_path / "a")
     timed(["dvc", "remote", "add", "-d", "storage", str(remote)], machine_a)
@@ -72,13 +72,6 @@ def test_a_fresh_clone_pulls_the_results_and_has_nothing_to_run(tmp_path):
     ):
         assert md5(machine_b / path) == md5(machine_a / path), path
     assert "Data and pipelines are up to date" in run(["dvc", "status"], machine_b).stdout
-
-    # the run cache restores a stage whose inputs match even without a lock file saying so
-    timed(["git", "rm", "-q", "dvc.lock"], machine_b)
-    restored, _ = timed(["dvc", "repro"], machine_b)
-    assert "Running stage" not in restored.stdout, restored.stdout
-    assert restored.stdout.count("is cached - skipping run") == len(lock_outs(machine_a)), restored.stdout
-    assert lock_outs(machine_b) == lock_outs(machine_a)
 
     # a forced re-run of the teacher gives the same bytes: nothing downstream is invalidated
     before = lock_outs(machine_a)
