@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     final, model = history.iloc[-1], task.final_model()
     metrics = {k: final[k] for k in ("val_cls_top1", "val_dist_top1", "val_avg_top1") if k in final}
     metrics["parameters"] = sum(t.numel() for t in model.parameters())
-    curves = ("train_loss", "val_cls_top1", "val_dist_top1", "val_avg_top1", "images_per_s")
+    curves = ("train_loss", "val_cls_top1", "val_dist_top1", "val_avg_top1")
     title = f"DeiT student, distillation {mode}"
     metrics = publish(ctx, history, metrics, model, task.meta(), curves, title, len(dataset))
     ctx.run.log_model(model.cpu().eval(), f"deit_{mode}", task.eval_transform(val.images[:2]).numpy())

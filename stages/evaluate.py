@@ -3,8 +3,8 @@
 The SSL backbone: kNN and linear-probe top-1 of its frozen features beside the same trunk with
 random weights. The teacher: top-1 / top-5, per-class accuracy, a confusion matrix. DETR and
 Deformable DETR: COCO box AP (pycocotools), their COCO results json, figures of predicted against
-true boxes, and the two side by side (AP per epoch, per training second, by object size). The
-DeiT students: each head's top-1, their average, teacher agreement, attention-rollout maps.
+true boxes, and the two side by side (AP per epoch, by object size). The DeiT students: each
+head's top-1, their average, teacher agreement, attention-rollout maps.
 Writes ``metrics/evaluate.json``, tables and figures under ``plots/evaluate/``, and logs them.
 """
 

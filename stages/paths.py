@@ -5,7 +5,8 @@ checks that the two agree. Paths are relative to the repository root.
 
 A training stage's outputs sit under its key (``ssl``, ``teacher``,
 ``deit/<mode>``, ``detr/<arch>``): ``artifacts/<key>/model.pt``,
-``checkpoints/<key>/``, ``metrics/<key>.json`` and ``plots/<key>/``.
+``checkpoints/<key>/``, ``metrics/<key>.json``, ``metrics/<key>_timing.json`` and
+``plots/<key>/``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ class StagePaths:
     @property
     def metrics(self) -> Path:
         return Path("metrics") / f"{self.key}.json"
+
+    @property
+    def timing(self) -> Path:
+        """Wall-clock measurements: apart from the metrics, as they differ on every run."""
+        return Path("metrics") / f"{self.key}_timing.json"
 
     @property
     def plots(self) -> Path:

@@ -52,7 +52,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         "method": p.method,
         "image_size": unlabeled.shape[-1],
     }
-    curves = ("train_loss", "train_pretext_top1", "knn_top1", "images_per_s")
+    curves = ("train_loss", "train_pretext_top1", "knn_top1")
     metrics = publish(
         ctx, history, metrics, task.final_model(), meta, curves, f"{p.method} pretraining", len(unlabeled)
     )

@@ -69,8 +69,6 @@ def run(ctx: StageContext) -> dict[str, float]:
     history = pd.DataFrame(trainer.fit())
     if not ctx.dist.is_main:
         return {}
-    # wall-clock of training so far (evaluation excluded): the x axis of the convergence race
-    history.insert(1, "train_time_s", history["epoch_time_s"].cumsum())
     final = history.iloc[-1]
     metrics = {f"val_{name}": final[f"val_{name}"] for name in FINAL_COLUMNS}
     metrics |= {"epochs": int(final["epoch"]), "final_train_loss": final["train_loss"]}

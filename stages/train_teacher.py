@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         "image_size": train.images.shape[-1],
         "init": p.init,
     }
-    curves = ("train_loss", "val_top1", "images_per_s")
+    curves = ("train_loss", "val_top1")
     metrics = publish(ctx, history, metrics, task.model, meta, curves, "teacher", len(dataset))
     example = eval_transform()(val.images[:2]).numpy()
     ctx.run.log_model(task.model.cpu().eval(), "teacher", example)

@@ -29,3 +29,7 @@ class TrackingError(VitkitError):
 
 class TrainingError(VitkitError):
     """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class RemoteError(VitkitError):
+    """The DVC remote results are shared through cannot be used."""

@@ -57,7 +57,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     assert (repro_repo / "plots/ssl/view_pairs.png").stat().st_size > 0
     for arch in ("detr", "deformable"):
         assert 0.0 <= evaluate["detection"][arch]["AP"] <= 1.0
-        assert (repro_repo / f"plots/detr/{arch}/history.csv").read_text().startswith("epoch,train_time_s,")
+        assert (repro_repo / f"plots/detr/{arch}/history.csv").read_text().startswith("epoch,train_loss,")
+        assert json.loads((repro_repo / f"metrics/detr/{arch}_timing.json").read_text())["train_time_s"] > 0
         results = json.loads((repro_repo / f"artifacts/evaluate/{arch}_test_results.json").read_text())
         assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
     assert (repro_repo / "plots/evaluate/detection_comparison.png").stat().st_size > 0

@@ -9,6 +9,7 @@ the training params guards against resuming a run whose params changed.
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -41,11 +42,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_torch(path: Path, obj: Any) -> None:
+    """``torch.save`` to ``path`` atomically, the same object always giving the same bytes.
+
+    ``torch.save`` to a file path names the records inside its zip after that file
+    (``<name>/data.pkl``), and the atomic write's temporary name is random: saved straight
+    to it, identical weights would hash differently on every save, and DVC would see a new
+    model. Serialised in memory first, the records are always named ``archive/``.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
+
+
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``directory/last.pt`` atomically; the previous one survives a crash."""
     path = Path(directory) / CHECKPOINT_NAME
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(path, state)
     return path
 
 
@@ -59,8 +73,7 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """A model file a later stage can rebuild the model from: weights plus what shaped them."""
-    with atomic_path(Path(path)) as tmp:
-        torch.save({"meta": meta, "state_dict": state_dict}, tmp)
+    save_torch(path, {"meta": meta, "state_dict": state_dict})
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -3,8 +3,10 @@
 ``predict_coco`` runs a DETR-style model over a dataset and returns both its
 detections (for figures) and COCO result entries (for ``evaluate_coco``).
 ``compare_runs`` and ``plot_comparison`` put detectors' convergence next to
-each other: AP against epochs and against training seconds (from the per-epoch
-histories the training stage writes), and COCO AP by object size at the end.
+each other: AP against epochs (from the per-epoch histories the training stage
+writes) and COCO AP by object size at the end. Training seconds stay out: they
+differ on every run, and these outputs must not (the stages' timing files and
+MLflow hold them).
 """
 
 from __future__ import annotations
@@ -48,11 +50,11 @@ def predict_coco(
 def compare_runs(
     histories: Mapping[str, pd.DataFrame], finals: Mapping[str, Mapping[str, float]]
 ) -> pd.DataFrame:
-    """One row per detector: final test COCO metrics, epochs and training seconds, and its val AP
-    at every epoch both were evaluated at (``val_AP@<epoch>``), so the race reads across a row.
+    """One row per detector: final test COCO metrics, epochs, and its val AP at every epoch both
+    were evaluated at (``val_AP@<epoch>``), so the race reads across a row.
 
-    ``histories``: per-epoch tables with ``epoch``, ``train_time_s`` and ``val_AP`` (NaN where
-    not evaluated); ``finals``: test metrics (``FINAL_COLUMNS``) of the final model.
+    ``histories``: per-epoch tables with ``epoch`` and ``val_AP`` (NaN where not evaluated);
+    ``finals``: test metrics (``FINAL_COLUMNS``) of the final model.
     """
     rows = []
     evaluated = [set(h.dropna(subset=["val_AP"])["epoch"].astype(int)) for h in histories.values()]
@@ -60,7 +62,6 @@ def compare_runs(
     for name, history in histories.items():
         row = {"arch": name, **{k: float(finals[name][k]) for k in FINAL_COLUMNS}}
         row["epochs"] = int(history["epoch"].max())
-        row["train_time_s"] = float(history["train_time_s"].max())
         by_epoch = history.set_index(history["epoch"].astype(int))["val_AP"]
         row |= {f"val_AP@{epoch}": float(by_epoch[epoch]) for epoch in sorted(shared)}
         rows.append(row)
@@ -70,15 +71,13 @@ def compare_runs(
 def plot_comparison(
     histories: Mapping[str, pd.DataFrame], table: pd.DataFrame, out_png: Path, title: str = ""
 ) -> None:
-    """Three panels: val AP against epoch, val AP against training seconds, final test AP by size."""
-    fig = Figure(figsize=(14, 3.8))
-    by_epoch, by_time, by_size = fig.subplots(1, 3)
+    """Two panels: val AP against epoch, final test AP by object size."""
+    fig = Figure(figsize=(10, 3.8))
+    by_epoch, by_size = fig.subplots(1, 2)
     for name, history in histories.items():
         evaluated = history.dropna(subset=["val_AP"])
         by_epoch.plot(evaluated["epoch"], evaluated["val_AP"], marker="o", label=name)
-        by_time.plot(evaluated["train_time_s"], evaluated["val_AP"], marker="o", label=name)
     by_epoch.set(xlabel="epoch", ylabel="val AP", title="AP per epoch")
-    by_time.set(xlabel="training time (s)", ylabel="val AP", title="AP per wall-clock second")
     metrics = ["AP", "AP50", "APs", "APm", "APl"]
     width = 0.8 / len(table)
     for i, row in enumerate(table.itertuples(index=False)):
@@ -86,7 +85,7 @@ def plot_comparison(
         by_size.bar([x + i * width for x in range(len(metrics))], values, width, label=row.arch)
     by_size.set_xticks([x + width * (len(table) - 1) / 2 for x in range(len(metrics))], metrics)
     by_size.set(ylabel="test", title="final epoch, test split")
-    for ax in (by_epoch, by_time, by_size):
+    for ax in (by_epoch, by_size):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

@@ -230,7 +230,7 @@ def evaluate_detector(
 def compare_detectors(
     histories: dict[str, pd.DataFrame], finals: dict[str, dict[str, float]], table_csv: Path, figure: Path
 ) -> dict[str, dict[str, float]]:
-    """The detectors side by side (final test metrics, AP per epoch and per training second)."""
+    """The detectors side by side (final test metrics, AP per epoch, AP by object size)."""
     table = compare_runs(histories, finals)
     write_csv(table_csv, table)
     plot_comparison(histories, table, figure, "DETR vs Deformable DETR")
