@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     trainer.on_epoch_end = ctx.run.log_epoch
     history = pd.DataFrame(trainer.fit())
-    if not ctx.dist.is_main:
+    if not ctx.dist.writes_files:  # each node keeps its own outputs
         return {}
     # wall-clock of training so far (evaluation excluded): the x axis of the convergence race
     history.insert(1, "train_time_s", history["epoch_time_s"].cumsum())
