@@ -71,10 +71,10 @@ SIZE = 32  # the training crop (padding 4) has 81 positions x 2 flips: chance re
 
 
 class RecordingTask(TrainingTask):
-    """A linear classifier that keeps each batch it sees and each loss it returns."""
+    """A linear classifier (batch norm on its logits) that keeps each batch and loss it sees."""
 
     def __init__(self, loss_offset: float = 0.0) -> None:
-        self.model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 2))
+        self.model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 2), nn.BatchNorm1d(2))
         self.loss_offset = loss_offset
         self.batches: list[torch.Tensor] = []
         self.losses: list[float] = []
@@ -137,7 +137,10 @@ def test_logged_losses_are_the_mean_over_ranks():
 
 
 def _train(info: DistInfo, tmp: Path, node: str, stop_at_step: int) -> dict:
-    """Two epochs of 8 steps, checkpoints every 3 steps on this node's disk; stops at ``stop_at_step``."""
+    """Two epochs of 8 steps, checkpoints every 3 steps on this node's disk; stops at ``stop_at_step``.
+
+    Returns the model's whole state: parameters and the batch-norm statistics, which each rank
+    updates with its own batches."""
     seed_everything(0)
     task = RecordingTask()
     step = task.step
@@ -148,22 +151,22 @@ def _train(info: DistInfo, tmp: Path, node: str, stop_at_step: int) -> dict:
         return step(model, batch)
 
     task.step = step_or_stop  # type: ignore[method-assign]
-    cfg = _config(epochs=2, batch_size=1)
-    trainer = Trainer(task, _images(), cfg, torch.device("cpu"), info, tmp / f"{node}{info.rank}")
+    cfg = _config(epochs=2, batch_size=2)
+    trainer = Trainer(task, _images(32), cfg, torch.device("cpu"), info, tmp / f"{node}{info.rank}")
     try:
         trainer.fit()
     except StopTraining:
         return {"stopped_at": trainer.state.global_step}
     return {
-        "weights": torch.cat([p.detach().flatten() for p in trainer.model.parameters()]),
+        "weights": torch.cat([t.detach().flatten().float() for t in trainer.model.state_dict().values()]),
         "steps_run": len(task.batches),
     }
 
 
 def test_a_node_without_the_checkpoint_resumes_from_the_others(tmp_path, capfd):
     """Ranks 0 and 1 stand for two nodes with their own disks; node 1 lost its checkpoint (or its
-    disk): both must go on from node 0's epoch-2 step-3 checkpoint and end with the weights of an
-    uninterrupted run."""
+    disk): both must go on from node 0's epoch-2 step-3 checkpoint and end with the weights and
+    batch-norm statistics of an uninterrupted run, the same on both nodes."""
     reference = _in_two_processes(_train, tmp_path, "reference", -1)
     stopped = _in_two_processes(_train, tmp_path, "node", 13)  # epoch 2, step 5: past its step-3 checkpoint
     assert [r["stopped_at"] for r in stopped] == [12, 12]

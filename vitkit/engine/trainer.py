@@ -111,6 +111,17 @@ def build_scheduler(
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
+def _tensors(state: Any) -> list[torch.Tensor]:
+    """The tensors in a nested dict/list state, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in _tensors(state[key])]
+    if isinstance(state, list | tuple):
+        return [t for item in state for t in _tensors(item)]
+    return []
+
+
 class Trainer:
     def __init__(
         self,
@@ -194,8 +205,27 @@ class Trainer:
             ckpt["extra"] = extra
         return ckpt
 
+    def _adopt_rank0_buffers(self) -> None:
+        """Give every rank rank 0's buffers and task state (collective; nothing to do alone).
+
+        DDP keeps the parameters equal, but each rank's forward updates its batch-norm running
+        statistics with its own batch (DDP copies rank 0's back only at the next forward), and an
+        EMA of buffers inherits the difference. Taken before every checkpoint, so each node
+        writes rank 0's state, and a run resumed from any node's checkpoint continues rank 0's.
+        """
+        if not self.dist.enabled:
+            return
+        for buffer in self.model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+        extra = self.task.state_dict()
+        if extra:
+            for tensor in _tensors(extra):
+                torch.distributed.broadcast(tensor, src=0)
+            self.task.load_state_dict(extra)
+
     def save(self, finished: bool = False) -> None:
-        """Every rank takes part (its RNG state is gathered); each node's first process writes."""
+        """Every rank takes part (rank 0's state, every rank's RNG); each node's first process writes."""
+        self._adopt_rank0_buffers()
         ckpt = self._checkpoint(finished)
         if self.dist.writes_files:
             save_checkpoint(self.checkpoint_dir, ckpt)
