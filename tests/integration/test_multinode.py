@@ -19,10 +19,11 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, make_pipeline_repo, run, smoke_params
-from vitkit.engine.checkpoint import load_checkpoint, load_weights
+from vitkit.engine.checkpoint import CHECKPOINT_NAME, load_weights
 
 pytestmark = pytest.mark.integration
 
+CHECKPOINT = f"checkpoints/teacher/{CHECKPOINT_NAME}"
 RESUMING = re.compile(r"resuming from .* at epoch (\d+), step (\d+)/(\d+)")
 
 
@@ -74,10 +75,28 @@ class Nodes:
         return [process.wait(timeout=timeout_s) for process in processes]
 
     def kill(self, processes: list[subprocess.Popen]) -> None:
+        """SIGKILL each launcher and its workers, as a machine dying would (torch starts its workers
+        in sessions of their own, so killing the launcher's group alone would leave them running)."""
         for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+            for pid in [*descendants(process.pid), process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             process.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 @pytest.fixture
@@ -99,13 +118,13 @@ def wait_for_mid_epoch_checkpoint(repos: list[Path], epoch: int, step: int, time
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for repo in repos:
-            try:
-                state = load_checkpoint(repo / "checkpoints/teacher")
-            except (OSError, RuntimeError, EOFError):  # replaced while read: look again
+            try:  # memory-mapped: reads the position without the 130 MB of tensors
+                state = torch.load(repo / CHECKPOINT, mmap=True, weights_only=True)
+            except (OSError, RuntimeError, EOFError):  # absent, or replaced while read: look again
                 state = None
             if state and state["epoch"] == epoch and state["step_in_epoch"] >= step:
                 return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"no checkpoint reached epoch {epoch + 1}, step {step} within {timeout_s} s")
 
 
