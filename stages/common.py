@@ -3,29 +3,30 @@
 ``stage_main`` turns a ``run(ctx) -> metrics`` function into a command-line
 stage: it validates the whole params file, checks the MLflow store is
 reachable, relaunches itself under torchrun when several processes are asked
-for, opens the stage's MLflow run and turns any ``VitkitError`` into one line
-on stderr and exit code 2 (the code the Prefect flow does not retry).
+for (on this machine or as one node of several: ``vitkit.engine.launch``),
+opens the stage's MLflow run and turns any ``VitkitError`` into one line on
+stderr and exit code 2 (the code the Prefect flow does not retry).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stages.paths import StagePaths, stage_paths
 from vitkit import tracking
 from vitkit.config import Params, flatten, load_params
+from vitkit.engine.checkpoint import seed_everything
 from vitkit.engine.device import select_device, set_threads
 from vitkit.engine.distributed import DistInfo, init_distributed, shutdown_distributed
+from vitkit.engine.launch import relaunch_if_needed
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
 
 
@@ -55,12 +56,6 @@ class StageContext:
         return stage_paths(self.name.split("@")[0], self.variant)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def dvc_stage_hash(repo_root: Path) -> str:
     """The hash DVC's run cache would key this stage by (cmd + deps' hashes + params + out paths).
 
@@ -81,23 +76,6 @@ def dvc_stage_hash(repo_root: Path) -> str:
             return _get_cache_hash(to_single_stage_lockfile(stage), key=True)
     except Exception as exc:  # the tag is informative; never fail a stage over it
         return f"unavailable ({type(exc).__name__}: {exc})"
-
-
-def _relaunch_under_torchrun(module: str, nproc: int, argv: list[str]) -> int:
-    import subprocess
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        module,
-        *argv,
-    ]
-    print(f"[{module}] launching {nproc} processes: {' '.join(cmd)}", flush=True)
-    return subprocess.call(cmd)
 
 
 def stage_main(
@@ -130,8 +108,10 @@ def stage_main(
     started = time.perf_counter()
     try:
         params = load_params(args.params)
-        if distributed and params.engine.nproc > 1 and "LOCAL_RANK" not in os.environ:
-            return _relaunch_under_torchrun(f"stages.{name}", params.engine.nproc, argv)
+        module = f"stages.{name}"
+        launched = relaunch_if_needed(module, argv, params.engine.nproc, label) if distributed else None
+        if launched is not None:  # this process was torchrun's launcher: the workers ran the stage
+            return launched
         uri = tracking.tracking_uri(repo_root)
         tracking.check_reachable(uri)
         set_threads(params.engine.threads)

@@ -5,7 +5,7 @@
 none: a plain ViT trained on the labels, DeiT's baseline; soft: a distillation head that matches
 the teacher's softened outputs; hard: a distillation head that learns the teacher's argmax.
 DeiT's recipe with the ``deit`` params (RandAugment, random erasing, MixUp/CutMix, repeated
-augmentation, weights EMA, lr scaled by batch/512); the frozen teacher is
+augmentation, weights EMA, lr scaled by the global batch/512); the frozen teacher is
 ``artifacts/teacher/model.pt``. Writes ``artifacts/deit/<mode>/model.pt``; a killed run resumes
 from ``checkpoints/deit/<mode>``. The recipe is ``vitkit.tasks.distillation``.
 """
@@ -25,7 +25,7 @@ from vitkit.engine.trainer import Trainer
 from vitkit.io import file_digest
 from vitkit.losses.distillation import DISTILLATION_TYPES
 from vitkit.tasks.base import fingerprint, trainer_config
-from vitkit.tasks.distillation import DistillationTask, train_dataset, vit_config
+from vitkit.tasks.distillation import DistillationTask, scaled_lr, train_dataset, vit_config
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -44,13 +44,13 @@ def run(ctx: StageContext) -> dict[str, float]:
         seed,
         f"deit {mode}",
         run_id,
-        lr=p.lr * p.batch_size / 512,  # DeiT's linear scaling rule
+        lr=scaled_lr(p, ctx.dist.world_size),
         repeated_augmentations=p.repeated_aug,
     )
     trainer = Trainer(task, dataset, cfg, ctx.device, ctx.dist, ctx.path(ctx.out.checkpoints))
     trainer.on_epoch_end = ctx.run.log_epoch
     history = pd.DataFrame(trainer.fit())
-    if not ctx.dist.is_main:
+    if not ctx.dist.writes_files:  # each node keeps its own outputs
         return {}
 
     final, model = history.iloc[-1], task.final_model()

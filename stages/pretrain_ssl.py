@@ -31,14 +31,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     train, val = (load_imagefolder_tensors(ctx.path(paths.CLASSIFICATION / s)) for s in ("train", "val"))
     dataset = two_view_dataset(unlabeled, p)
     task = ContrastiveTask(p, backbone, train, val, ctx.params.evaluate.batch_size)
-    random_init_knn = task.knn_top1(task.model) if ctx.dist.is_main else math.nan
+    random_init_knn = task.knn_top1(task.model) if ctx.dist.writes_files else math.nan
     cfg = trainer_config(
         p, ctx.params.engine, seed, f"ssl {p.method}", fingerprint(p, backbone, seed, len(unlabeled))
     )
     trainer = Trainer(task, dataset, cfg, ctx.device, ctx.dist, ctx.path(ctx.out.checkpoints))
     trainer.on_epoch_end = ctx.run.log_epoch
     history = pd.DataFrame(trainer.fit())
-    if not ctx.dist.is_main:
+    if not ctx.dist.writes_files:  # each node keeps its own outputs
         return {}
 
     final = history.iloc[-1]

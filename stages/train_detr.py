@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     trainer.on_epoch_end = ctx.run.log_epoch
     history = pd.DataFrame(trainer.fit())
-    if not ctx.dist.is_main:
+    if not ctx.dist.writes_files:  # each node keeps its own outputs
         return {}
     final = history.iloc[-1]
     metrics = {f"val_{name}": final[f"val_{name}"] for name in FINAL_COLUMNS}

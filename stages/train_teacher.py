@@ -42,7 +42,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     trainer = Trainer(task, dataset, cfg, ctx.device, ctx.dist, ctx.path(ctx.out.checkpoints))
     trainer.on_epoch_end = ctx.run.log_epoch
     history = pd.DataFrame(trainer.fit())
-    if not ctx.dist.is_main:
+    if not ctx.dist.writes_files:  # each node keeps its own outputs
         return {}
 
     metrics = {

@@ -88,7 +88,10 @@ class EngineParams(Section):
         description="Device to train on; `auto` takes cuda, then mps, then cpu."
     )
     nproc: PositiveInt = Field(
-        description="Processes per model stage; > 1 runs it under torchrun (DDP: gloo on CPU, nccl on GPU)."
+        description=(
+            "Processes per model stage in all, over every node (the world size); > 1 runs it under "
+            "torchrun (DDP: gloo on CPU, nccl on GPU). The nodes come from the environment (VITKIT_NNODES)."
+        )
     )
     amp: bool = Field(description="bf16 autocast on CUDA; ignored on other devices.")
     channels_last: bool = Field(description="channels_last memory format for image batches on CUDA.")
@@ -427,13 +430,16 @@ class DeformableModelParams(Section):
 class DeitParams(OptimParams):
     """DeiT student (``distill_deit@{none,soft,hard}``): model size, distillation and DeiT's recipe.
 
-    ``lr`` is DeiT's base rate per 512 images: the optimiser runs at ``lr * batch_size / 512``.
+    ``lr`` is DeiT's base rate per 512 images: the optimiser runs at ``lr * batch_size * nproc / 512``.
     The model is a ``vitkit.models.vit`` preset at the data's image size, with the fields below
     replacing the preset's where given. Augmentation knobs set to 0 turn that augmentation off.
     """
 
     lr: PositiveFloat = Field(
-        description="Learning rate per 512 images (DeiT's rule): the optimiser runs at lr * batch_size / 512."
+        description=(
+            "Learning rate per 512 images (DeiT's rule): the optimiser runs at "
+            "lr * batch_size * engine.nproc / 512 (batch_size is per process)."
+        )
     )
     preset: Literal["cpu_tiny", "deit_tiny", "deit_small", "deit_base"] = Field(
         description="ViT size preset, built at the data's image size."

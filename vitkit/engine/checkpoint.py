@@ -2,8 +2,9 @@
 
 A checkpoint holds everything needed to continue a killed run exactly where
 it stopped: model, optimizer and scheduler states, the position in the epoch,
-the per-epoch history so far and the RNG states (so the augmentations after a
-resume are the ones the uninterrupted run would have drawn). A fingerprint of
+the per-epoch history so far and every process's RNG states (so the
+augmentations after a resume are the ones the uninterrupted run would have
+drawn). A fingerprint of
 the training params guards against resuming a run whose params changed.
 """
 
@@ -20,6 +21,13 @@ import torch
 from vitkit.io import atomic_path
 
 CHECKPOINT_NAME = "last.pt"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs augmentation and model init draw from (python, numpy, torch)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

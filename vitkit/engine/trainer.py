@@ -9,6 +9,12 @@ validation after each epoch, checkpoints every N steps (atomic) with the
 task's own state, resume after a kill, a guard against non-finite losses, and
 DDP when launched by torchrun. Repeated augmentation (DeiT's sampler) is
 ``TrainerConfig.repeated_augmentations``.
+
+Under DDP every rank draws its own augmentations (``DistInfo.augmentation_seed``)
+from a model built identically on all of them; the first process of every node
+keeps a checkpoint on that node's disk, and a resumed run starts every rank from
+the most advanced checkpoint any node holds, sent over the process group, so
+nodes need not share a disk.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from vitkit.engine.checkpoint import (
     load_checkpoint,
     rng_state,
     save_checkpoint,
+    seed_everything,
     set_rng_state,
 )
 from vitkit.engine.device import autocast
-from vitkit.engine.distributed import DistInfo, all_reduce_mean, barrier
+from vitkit.engine.distributed import DistInfo, all_gather_object, all_reduce_mean, broadcast_object
 from vitkit.engine.task import TrainingTask
 from vitkit.errors import TrainingError
 from vitkit.progress import progress_enabled
@@ -104,6 +111,17 @@ def build_scheduler(
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
 
 
+def _tensors(state: Any) -> list[torch.Tensor]:
+    """The tensors in a nested dict/list state, in a fixed order."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in _tensors(state[key])]
+    if isinstance(state, list | tuple):
+        return [t for item in state for t in _tensors(item)]
+    return []
+
+
 class Trainer:
     def __init__(
         self,
@@ -132,6 +150,8 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        # the model is built (identically on every rank); from here on each rank draws its own augmentations
+        seed_everything(dist.augmentation_seed(cfg.seed))
 
         if cfg.repeated_augmentations > 1:
             self.sampler: EpochSampler | RASampler = RASampler(
@@ -150,7 +170,7 @@ class Trainer:
             persistent_workers=cfg.num_workers > 0,
             # its own generator: drawing worker seeds must not advance the global RNG, whose state a
             # mid-epoch checkpoint restores (otherwise a resumed run's augmentations would drift)
-            generator=torch.Generator().manual_seed(cfg.seed),
+            generator=torch.Generator().manual_seed(dist.augmentation_seed(cfg.seed)),
         )
         self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size
         if self.steps_per_epoch == 0:
@@ -177,42 +197,82 @@ class Trainer:
             "step_in_epoch": self.state.step_in_epoch,
             "global_step": self.state.global_step,
             "history": self.state.history,
-            "rng": rng_state(),
+            "world_size": self.dist.world_size,
+            "rng": all_gather_object(rng_state()),  # one per rank, indexed by rank
         }
         extra = self.task.state_dict()
         if extra:
             ckpt["extra"] = extra
         return ckpt
 
-    def save(self, finished: bool = False) -> None:
-        if self.dist.is_main:
-            save_checkpoint(self.checkpoint_dir, self._checkpoint(finished))
+    def _adopt_rank0_buffers(self) -> None:
+        """Give every rank rank 0's buffers and task state (collective; nothing to do alone).
 
-    def try_resume(self) -> bool:
-        """Continue from the last checkpoint when one exists for the same training params."""
-        ckpt = load_checkpoint(self.checkpoint_dir)
+        DDP keeps the parameters equal, but each rank's forward updates its batch-norm running
+        statistics with its own batch (DDP copies rank 0's back only at the next forward), and an
+        EMA of buffers inherits the difference. Taken before every checkpoint, so each node
+        writes rank 0's state, and a run resumed from any node's checkpoint continues rank 0's.
+        """
+        if not self.dist.enabled:
+            return
+        for buffer in self.model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+        extra = self.task.state_dict()
+        if extra:
+            for tensor in _tensors(extra):
+                torch.distributed.broadcast(tensor, src=0)
+            self.task.load_state_dict(extra)
+
+    def save(self, finished: bool = False) -> None:
+        """Every rank takes part (rank 0's state, every rank's RNG); each node's first process writes."""
+        self._adopt_rank0_buffers()
+        ckpt = self._checkpoint(finished)
+        if self.dist.writes_files:
+            save_checkpoint(self.checkpoint_dir, ckpt)
+
+    def _resumable(self, ckpt: dict[str, Any] | None) -> bool:
+        """Whether this node's checkpoint continues this very run (same params, same world size)."""
         if ckpt is None or ckpt.get("finished"):
             return False  # nothing to continue: a finished run's final state is kept only for inspection
-        if ckpt.get("fingerprint") != self.cfg.fingerprint:
-            if self.dist.is_main:
+        if ckpt.get("fingerprint") != self.cfg.fingerprint or ckpt.get("world_size") != self.dist.world_size:
+            if self.dist.writes_files:
                 print(
-                    f"[{self.cfg.desc}] checkpoint in {self.checkpoint_dir} is from other params; "
-                    "starting fresh"
+                    f"[{self.cfg.desc}] checkpoint in {self.checkpoint_dir} is from other params or another "
+                    f"number of processes (this run has {self.dist.world_size}); starting fresh"
                 )
             return False
+        return True
+
+    def try_resume(self) -> bool:
+        """Continue from the most advanced checkpoint of this run that any node holds.
+
+        Each node looks at its own disk; the rank holding the furthest checkpoint sends it to all
+        the others, so a node that lost its disk (or never had one in common with the others)
+        starts from the same state. Every rank takes part.
+        """
+        local = load_checkpoint(self.checkpoint_dir)
+        local = local if self._resumable(local) else None
+        steps = all_gather_object(local["global_step"] if local is not None else -1)
+        source = max(range(len(steps)), key=lambda rank: (steps[rank], -rank))
+        if steps[source] < 0:
+            return False
+        holds_it = local is not None and local["global_step"] == steps[source]
+        ckpt = broadcast_object(local if self.dist.rank == source else None, source)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(
             ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], list(ckpt["history"])
         )
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"][self.dist.rank])
         if "extra" in ckpt:
             self.task.load_state_dict(ckpt["extra"])
-        if self.dist.is_main:
+        if self.dist.writes_files:
+            origin = self.checkpoint_dir if holds_it else f"rank {source}'s checkpoint (none here that far)"
             print(
-                f"[{self.cfg.desc}] resuming from {self.checkpoint_dir} at epoch {self.state.epoch + 1}, "
-                f"step {self.state.step_in_epoch}/{self.steps_per_epoch}"
+                f"[{self.cfg.desc}] resuming from {origin} at epoch {self.state.epoch + 1}, "
+                f"step {self.state.step_in_epoch}/{self.steps_per_epoch}",
+                flush=True,
             )
         return True
 
@@ -302,7 +362,8 @@ class Trainer:
             row: dict[str, float] = {"epoch": self.state.epoch + 1, **self._train_epoch()}
             if self.dist.is_main:
                 row.update(self.task.validate(self.model, self.state.epoch + 1))
-            barrier()
+            # rank 0's row (its timings, its validation) on every rank: one history in every node's files
+            row = broadcast_object(row, src=0)
             self.state.history.append(row)
             self.state.epoch += 1
             self.state.step_in_epoch = 0

@@ -48,6 +48,15 @@ def vit_config(p: DeitParams, image_size: int, num_classes: int, distilled: bool
     )
 
 
+def scaled_lr(p: DeitParams, world_size: int) -> float:
+    """DeiT's linear scaling rule: ``deit.lr`` per 512 images of the global batch.
+
+    As DeiT's main.py (``args.lr * args.batch_size * utils.get_world_size() / 512.0``):
+    ``deit.batch_size`` is per process, so the global batch is it times the world size.
+    """
+    return p.lr * p.batch_size * world_size / 512
+
+
 def train_dataset(train: LabelledImages, p: DeitParams) -> TensorImageDataset:
     """The labelled images with DeiT's per-image augmentation (RandAugment, random erasing...)."""
     return TensorImageDataset(
