@@ -150,8 +150,10 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        # the model is built (identically on every rank); from here on each rank draws its own augmentations
-        seed_everything(dist.augmentation_seed(cfg.seed))
+        if dist.enabled:
+            # the model is built (identically on every rank); from here on each rank draws its own
+            # augmentations. One process keeps its stream: single-process results stay as they were.
+            seed_everything(dist.augmentation_seed(cfg.seed))
 
         if cfg.repeated_augmentations > 1:
             self.sampler: EpochSampler | RASampler = RASampler(
