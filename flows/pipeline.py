@@ -12,6 +12,8 @@ task log, and the stage MLflow runs nest under one parent run for the flow.
 
     python -m flows.pipeline              # run with Prefect's temporary server
     python -m flows.pipeline --serve      # serve a deployment for the Prefect UI
+    python -m flows.pipeline --deploy P   # deploy to work pool P: its workers run the flow
+    python -m flows.pipeline --dispatch   # each stage on the work pool of its resource class
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from graphlib import TopologicalSorter
 from pathlib import Path
@@ -32,78 +33,68 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.dispatch import (
+    DEFAULT_POOLS,
+    RESOURCE_CLASSES,
+    DispatchError,
+    deploy_stage_jobs,
+    dispatch_stage,
+    plan_dispatch,
+)
+from flows.dvc_run import is_transient, raise_for_stage, run_dvc
 from vitkit import tracking
 from vitkit.config import flatten, load_params
+from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-USER_ERROR_MARK = "error: ["
+DESCRIPTION = "vitkit: SSL -> teacher -> DeiT / DETR -> evaluate -> report, run through DVC"
 
 
-class StageInputError(RuntimeError):
-    """A stage rejected its input (params or data): retrying cannot help."""
-
-
-class StageFailed(RuntimeError):
-    """A stage failed for another reason (killed, out of memory, a lock...): worth a retry."""
+def _address(stage: Any, repo_root: Path) -> str:
+    """A stage's name as `dvc repro` takes it."""
+    dvcfile = Path(stage.dvcfile.path).resolve().relative_to(Path(repo_root).resolve())
+    return stage.name if str(dvcfile) == "dvc.yaml" else f"{dvcfile}:{stage.name}"
 
 
 def read_dag(repo_root: Path) -> dict[str, list[str]]:
     """{stage: [stages it depends on]} from DVC's pipeline graph, named as `dvc repro` takes them."""
     from dvc.repo import Repo
 
-    def address(stage) -> str:
-        dvcfile = Path(stage.dvcfile.path).resolve().relative_to(Path(repo_root).resolve())
-        return stage.name if str(dvcfile) == "dvc.yaml" else f"{dvcfile}:{stage.name}"
-
     with Repo(str(repo_root)) as repo:
         graph = repo.index.graph
         stages = [s for s in repo.index.stages if not s.is_data_source]
         return {
-            address(s): sorted(address(u) for u in graph.successors(s) if not u.is_data_source)
+            _address(s, repo_root): sorted(
+                _address(u, repo_root) for u in graph.successors(s) if not u.is_data_source
+            )
             for s in stages
         }
 
 
-def _is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except StageInputError:
-        return False
-    except Exception:
-        return True
-    return False
+def read_resource_classes(repo_root: Path) -> dict[str, str]:
+    """{stage: resource class} from each stage's ``meta: {resources: ...}`` in dvc.yaml."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_root)) as repo:
+        stages = [s for s in repo.index.stages if not s.is_data_source]
+        classes = {_address(s, repo_root): (s.meta or {}).get("resources") for s in stages}
+    wrong = {stage: found for stage, found in classes.items() if found not in RESOURCE_CLASSES}
+    if wrong:
+        raise DispatchError(
+            f"dvc.yaml: stage(s) {sorted(wrong)} declare no resource class; give each one "
+            f"meta: {{resources: {' | '.join(RESOURCE_CLASSES)}}}"
+        )
+    return classes  # type: ignore[return-value]
 
 
-@task(retries=1, retry_delay_seconds=5, retry_condition_fn=_is_transient, task_run_name="{stage}")
+@task(retries=1, retry_delay_seconds=5, retry_condition_fn=is_transient, task_run_name="{stage}")
 def run_stage(stage: str, repo_root: str, env: dict[str, str]) -> dict[str, str]:
     """``dvc repro --single-item <stage>``, streaming its output into this task's log."""
-    logger = get_run_logger()
-    cmd = ["dvc", "--wait-for-lock", "repro", "--single-item", stage]
-    logger.info("$ %s", " ".join(cmd))
-    process = subprocess.Popen(
-        cmd,
-        cwd=repo_root,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
+    output = run_dvc(
+        ["dvc", "--wait-for-lock", "repro", "--single-item", stage], repo_root, get_run_logger(), env
     )
-    skipped, user_error = False, None
-    assert process.stdout is not None
-    for raw in process.stdout:
-        line = raw.rstrip()
-        if not line:
-            continue
-        logger.info(line)
-        skipped = skipped or "didn't change, skipping" in line
-        if USER_ERROR_MARK in line:
-            user_error = line
-    code = process.wait()
-    if code != 0:
-        if user_error:
-            raise StageInputError(user_error)
-        raise StageFailed(f"stage {stage} failed (dvc exit code {code}); see the log above")
+    raise_for_stage(stage, output)
+    skipped = output.has("didn't change, skipping")
     return {"stage": stage, "status": "skipped (up to date)" if skipped else "ran"}
 
 
@@ -122,9 +113,21 @@ def _metric_rows(repo_root: Path) -> list[dict[str, Any]]:
 
 @flow(name="vitkit-pipeline", log_prints=True)
 def pipeline(
-    stages: list[str] | None = None, max_parallel: int = 1, repo_root: str | None = None
+    stages: list[str] | None = None,
+    max_parallel: int = 1,
+    repo_root: str | None = None,
+    dispatch: bool = False,
+    pools: dict[str, str] | None = None,
+    repo_url: str | None = None,
+    pickup_timeout_s: float = 60.0,
 ) -> list[dict]:
-    """Run the DVC pipeline stage by stage (optionally only ``stages`` and what they need)."""
+    """Run the DVC pipeline stage by stage (optionally only ``stages`` and what they need).
+
+    With ``dispatch``, each stage runs on the work pool of its resource class (``pools``:
+    class -> pool, default vitkit-cpu / vitkit-gpu) in a worker's clone of ``repo_url`` (default:
+    this checkout's origin, else its path), and comes back through the DVC remote: see
+    flows/dispatch.py.
+    """
     logger = get_run_logger()
     root = Path(repo_root) if repo_root else REPO_ROOT
     params = load_params(root / "params.yaml")  # fail before anything runs, as every stage would
@@ -132,6 +135,12 @@ def pipeline(
     selected = _with_upstream(dag, stages) if stages else list(dag)
     order = [s for s in TopologicalSorter({s: dag[s] for s in selected}).static_order() if s in selected]
     logger.info("DAG from dvc.yaml: %s", {s: dag[s] for s in order})
+    plan, resources = None, {}
+    if dispatch:
+        resources = {s: c for s, c in read_resource_classes(root).items() if s in order}
+        plan = plan_dispatch(root, resources, pools or DEFAULT_POOLS, repo_url)
+        deploy_stage_jobs(plan)
+        logger.info("dispatch at %s: %s", plan.commit[:12], {s: plan.pools[resources[s]] for s in order})
 
     tracking_uri = tracking.tracking_uri(root)
     tracking.check_reachable(tracking_uri)
@@ -140,13 +149,18 @@ def pipeline(
     tags = {"vitkit.stage": "pipeline", "mlflow.source.git.commit": tracking.git_commit(root)}
     with tracking.mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags) as parent:
         env = {tracking.PARENT_RUN_ENV: parent.info.run_id}
+        if plan and not tracking_uri.startswith(("http://", "https://")):
+            env = {}  # a worker's stage runs cannot nest under a run in this checkout's own store
+        elif plan:
+            env["MLFLOW_TRACKING_URI"] = tracking_uri
         with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
             futures: dict[str, Any] = {}
             for stage in order:
                 upstream = [futures[u] for u in dag[stage] if u in futures]
-                futures[stage] = runner.submit(
-                    run_stage, {"stage": stage, "repo_root": str(root), "env": env}, wait_for=upstream
-                )
+                job = {"stage": stage, "repo_root": str(root), "env": env}
+                if plan:
+                    job |= {"resource": resources[stage], "plan": plan, "pickup_timeout_s": pickup_timeout_s}
+                futures[stage] = runner.submit(dispatch_stage if plan else run_stage, job, wait_for=upstream)
             results = [futures[s].result() for s in order]
     create_table_artifact(table=results, key="vitkit-stages", description="What each stage did in this run")
     rows = _metric_rows(root)
@@ -183,21 +197,72 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="serve the flow as a deployment (start runs from the Prefect UI); needs PREFECT_API_URL",
     )
+    parser.add_argument(
+        "--deploy",
+        metavar="POOL",
+        help="deploy the flow to work pool POOL (its workers run it); needs PREFECT_API_URL",
+    )
+    parser.add_argument(
+        "--source",
+        help="with --deploy: where workers get the code, a git URL or a path (default: this checkout)",
+    )
+    parser.add_argument(
+        "--dispatch",
+        action="store_true",
+        help="run each stage on the work pool of its resource class (dvc.yaml meta.resources); "
+        "needs PREFECT_API_URL, a DVC remote and committed code",
+    )
+    parser.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="CLASS=POOL",
+        help=f"with --dispatch: the pool of a resource class (default: {DEFAULT_POOLS})",
+    )
+    parser.add_argument("--repo-url", help="with --dispatch: the repository workers clone (default: origin)")
+    parser.add_argument(
+        "--pickup-timeout",
+        type=float,
+        default=60.0,
+        help="with --dispatch: seconds a stage may wait for a worker (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    if args.serve:
-        pipeline.serve(
-            name="vitkit",
-            parameters={"max_parallel": args.max_parallel},
-            description="vitkit: SSL -> teacher -> DeiT / DETR -> evaluate -> report, run through DVC",
-        )
-        return 0
+    pools = {**DEFAULT_POOLS, **dict(p.split("=", 1) for p in args.pool)}
+    flow_params = {"max_parallel": args.max_parallel}
+    if args.dispatch:
+        flow_params |= {"dispatch": True, "pools": pools, "repo_url": args.repo_url}
+        flow_params["pickup_timeout_s"] = args.pickup_timeout
     try:
-        results = pipeline(stages=args.stages, max_parallel=args.max_parallel)
+        if args.dispatch and not (args.serve or args.deploy):  # fail before a flow run starts
+            classes = read_resource_classes(REPO_ROOT)
+            if args.stages:
+                classes = {s: classes[s] for s in _with_upstream(read_dag(REPO_ROOT), args.stages)}
+            plan_dispatch(REPO_ROOT, classes, pools, args.repo_url)
+        if args.serve:
+            pipeline.serve(name="vitkit", parameters=flow_params, description=DESCRIPTION)
+            return 0
+        if args.deploy:
+            pipeline.from_source(
+                source=args.source or str(REPO_ROOT), entrypoint="flows/pipeline.py:pipeline"
+            ).deploy(
+                name="vitkit",
+                work_pool_name=args.deploy,
+                parameters=flow_params,
+                build=False,
+                push=False,
+                description=DESCRIPTION,
+            )
+            return 0
+        results = pipeline(stages=args.stages, **flow_params)
+    except VitkitError as exc:
+        print(f"error: [{'dispatch' if args.dispatch else 'pipeline'}] {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
     except Exception as exc:
         print(f"pipeline failed: {exc}", file=sys.stderr)
         return 1
-    for row in results:
-        print(f"  {row['stage']:<24} {row['status']}")
+    for row in results:  # with dispatch, also where it ran and what each step took
+        details = "  ".join(f"{k}={v}" for k, v in row.items() if k == "worker" or k.endswith("_s"))
+        print(f"  {row['stage']:<24} {row['status']:<24} {details}".rstrip())
     return 0
 
 

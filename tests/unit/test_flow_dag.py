@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from prefect.states import Failed
 
-from flows.pipeline import StageFailed, StageInputError, _is_transient, _with_upstream, read_dag
+from flows.dvc_run import StageFailed, StageInputError, is_transient
+from flows.pipeline import _with_upstream, read_dag
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,5 +39,5 @@ def test_selecting_a_stage_brings_what_it_needs_in_order():
 
 def test_bad_input_is_not_retried_but_other_failures_are():
     """Prefect calls the retry condition with the failed state of a task."""
-    assert not _is_transient(None, None, Failed(data=StageInputError("error: [prepare] bad params")))
-    assert _is_transient(None, None, Failed(data=StageFailed("killed")))
+    assert not is_transient(None, None, Failed(data=StageInputError("error: [prepare] bad params")))
+    assert is_transient(None, None, Failed(data=StageFailed("killed")))
