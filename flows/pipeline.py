@@ -133,13 +133,9 @@ def pipeline(
     order = [s for s in TopologicalSorter({s: dag[s] for s in selected}).static_order() if s in selected]
     logger.info("DAG from dvc.yaml: %s", {s: dag[s] for s in order})
 
-    tracking_uri = tracking.tracking_uri(root)
-    tracking.check_reachable(tracking_uri)
-    tracking.mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = tracking.ensure_experiment(params.mlflow.experiment, root)
-    tags = {"vitkit.stage": "pipeline", "mlflow.source.git.commit": tracking.git_commit(root)}
-    with tracking.mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags) as parent:
-        env = {tracking.PARENT_RUN_ENV: parent.info.run_id}
+    tracking.open_experiment(tracking.tracking_uri(root), params.mlflow.experiment, root)
+    with tracking.stage_run("pipeline", root, params.mlflow.experiment, {}) as parent:
+        env = {tracking.PARENT_RUN_ENV: parent.run_id}
         with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
             futures: dict[str, Any] = {}
             for stage in order:

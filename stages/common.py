@@ -2,8 +2,9 @@
 
 ``stage_main`` turns a ``run(ctx) -> metrics`` function into a command-line
 stage: it validates the whole params file, checks the MLflow store is
-reachable, relaunches itself under torchrun when several processes are asked
-for, opens the stage's MLflow run and turns any ``VitkitError`` into one line
+reachable (creating it and the experiment, once), relaunches itself under
+torchrun when several processes are asked for, opens the stage's MLflow run
+on rank 0 and turns any ``VitkitError`` into one line
 on stderr and exit code 2 (the code the Prefect flow does not retry).
 """
 
@@ -25,7 +26,7 @@ from stages.paths import StagePaths, stage_paths
 from vitkit import tracking
 from vitkit.config import Params, flatten, load_params
 from vitkit.engine.device import select_device, set_threads
-from vitkit.engine.distributed import DistInfo, init_distributed, shutdown_distributed
+from vitkit.engine.distributed import DistInfo, dist_info_from_env, init_distributed, shutdown_distributed
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
 
 
@@ -130,10 +131,13 @@ def stage_main(
     started = time.perf_counter()
     try:
         params = load_params(args.params)
-        if distributed and params.engine.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        launch = distributed and params.engine.nproc > 1 and "LOCAL_RANK" not in os.environ
+        if launch or dist_info_from_env().is_main:
+            # only this process talks to MLflow: before a relaunch it creates the store and the
+            # experiment, so the ranks never race to migrate a new database
+            tracking.open_experiment(tracking.tracking_uri(repo_root), params.mlflow.experiment, repo_root)
+        if launch:
             return _relaunch_under_torchrun(f"stages.{name}", params.engine.nproc, argv)
-        uri = tracking.tracking_uri(repo_root)
-        tracking.check_reachable(uri)
         set_threads(params.engine.threads)
         seed_everything(params.seed)
         device = select_device(params.engine.device, int(os.environ.get("LOCAL_RANK", "0")))
