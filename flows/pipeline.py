@@ -143,12 +143,9 @@ def pipeline(
         logger.info("dispatch at %s: %s", plan.commit[:12], {s: plan.pools[resources[s]] for s in order})
 
     tracking_uri = tracking.tracking_uri(root)
-    tracking.check_reachable(tracking_uri)
-    tracking.mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = tracking.ensure_experiment(params.mlflow.experiment, root)
-    tags = {"vitkit.stage": "pipeline", "mlflow.source.git.commit": tracking.git_commit(root)}
-    with tracking.mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags) as parent:
-        env = {tracking.PARENT_RUN_ENV: parent.info.run_id}
+    tracking.open_experiment(tracking_uri, params.mlflow.experiment, root)
+    with tracking.stage_run("pipeline", root, params.mlflow.experiment, {}) as parent:
+        env = {tracking.PARENT_RUN_ENV: parent.run_id}
         if plan and not tracking_uri.startswith(("http://", "https://")):
             env = {}  # a worker's stage runs cannot nest under a run in this checkout's own store
         elif plan:

@@ -2,9 +2,10 @@
 
 ``stage_main`` turns a ``run(ctx) -> metrics`` function into a command-line
 stage: it validates the whole params file, checks the MLflow store is
-reachable, relaunches itself under torchrun when several processes are asked
-for (on this machine or as one node of several: ``vitkit.engine.launch``),
-opens the stage's MLflow run and turns any ``VitkitError`` into one line on
+reachable (creating it and the experiment once per machine, before any rank
+starts), relaunches itself under torchrun when several processes are asked for
+(on this machine or as one node of several: ``vitkit.engine.launch``), opens the
+stage's MLflow run on rank 0 and turns any ``VitkitError`` into one line on
 stderr and exit code 2 (the code the Prefect flow does not retry).
 """
 
@@ -25,8 +26,8 @@ from vitkit import tracking
 from vitkit.config import Params, flatten, load_params
 from vitkit.engine.checkpoint import seed_everything
 from vitkit.engine.device import select_device, set_threads
-from vitkit.engine.distributed import DistInfo, init_distributed, shutdown_distributed
-from vitkit.engine.launch import relaunch_if_needed
+from vitkit.engine.distributed import DistInfo, dist_info_from_env, init_distributed, shutdown_distributed
+from vitkit.engine.launch import launched_by_torchrun, relaunch_if_needed
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
 
 
@@ -108,12 +109,14 @@ def stage_main(
     started = time.perf_counter()
     try:
         params = load_params(args.params)
+        if not launched_by_torchrun() or dist_info_from_env().is_main:
+            # one process per machine talks to MLflow: before a relaunch it creates the store and
+            # the experiment, so the ranks never race to migrate a new database
+            tracking.open_experiment(tracking.tracking_uri(repo_root), params.mlflow.experiment, repo_root)
         module = f"stages.{name}"
         launched = relaunch_if_needed(module, argv, params.engine.nproc, label) if distributed else None
         if launched is not None:  # this process was torchrun's launcher: the workers ran the stage
             return launched
-        uri = tracking.tracking_uri(repo_root)
-        tracking.check_reachable(uri)
         set_threads(params.engine.threads)
         seed_everything(params.seed)
         device = select_device(params.engine.device, int(os.environ.get("LOCAL_RANK", "0")))

@@ -3,12 +3,18 @@
 - Tracking URI: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo root>/mlflow.db``
   (MLflow's own default is relative to the working directory, so runs started
   from another folder would land in another database).
-- Artifacts of experiments created here live in ``<repo root>/mlartifacts``.
+- Artifacts: with a local sqlite store, beside the database (``<repo root>/mlartifacts`` for the
+  default); with a tracking server, wherever the server says (``mlflow-artifacts:`` URIs proxied
+  through it with ``mlflow server --artifacts-destination``), so nothing lands in the client's checkout.
 - One run per stage, tagged with the stage name, the git commit and the
   stage's DVC hash; under a Prefect flow run the flow's parent run id arrives
   through ``VITKIT_MLFLOW_PARENT_RUN_ID`` and stage runs become its children.
 - Per-epoch metrics go in one ``log_batch`` call per epoch, not one call per number.
-- A tracking server that cannot be reached is reported before any work starts.
+- A tracking server that cannot be reached is reported before any work starts, in seconds (MLflow
+  itself retries for minutes).
+- A run whose process died (SIGKILL, power loss) stays RUNNING in MLflow; runs are tagged with their
+  host and process, and the next start of the same stage on that host marks such runs KILLED.
+  Ctrl-C ends a run KILLED, any other exception FAILED.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +30,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from vitkit.errors import TrackingError
 
@@ -33,56 +42,157 @@ for _key, _value in TELEMETRY_ENV.items():
     os.environ.setdefault(_key, _value)
 
 import mlflow  # noqa: E402  (telemetry must be off before mlflow is imported)
-from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 MAX_PARAM_LENGTH = 6000
+STAGE_TAG = "vitkit.stage"
+HOST_TAG = "vitkit.host"
+PID_TAG = "vitkit.pid"
+PROCESS_START_TAG = "vitkit.process_start"  # with the pid, tells a live process from a reused pid
+CHECK_TIMEOUT_S = 10
 
 
 def tracking_uri(repo_root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
 
 
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local sqlite database, else the server's choice.
+
+    A tracking server picks the location itself (its ``--artifacts-destination``, proxied as
+    ``mlflow-artifacts:``); giving it a local path would make every client write into its own disk.
+    """
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
+@contextlib.contextmanager
+def _one_quick_try() -> Iterator[None]:
+    """MLflow requests inside make one attempt with a short timeout (by default they retry for minutes)."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(CHECK_TIMEOUT_S)}
+    saved = {key: os.environ.get(key) for key in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, with one message, when the tracking store cannot be used."""
-    if uri.startswith(("http://", "https://")):
+    if is_remote(uri):
         health = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(health, timeout=timeout_s) as response:
-                if response.status != 200:
-                    raise TrackingError(f"MLflow server {uri} answered {response.status} on /health")
+            with urllib.request.urlopen(health, timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError as exc:
+            raise TrackingError(
+                f"{uri} answered {exc.code} on /health: is it an MLflow server? Fix MLFLOW_TRACKING_URI."
+            ) from None
         except (urllib.error.URLError, OSError) as exc:
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}). Start it "
                 "(`mlflow server --host 127.0.0.1 --port 5000`), fix MLFLOW_TRACKING_URI, or unset it to "
                 "log to the local sqlite database."
             ) from None
-        return
-    if uri.startswith("sqlite:///"):
+    elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
             raise TrackingError(f"MLflow database folder {db.parent} does not exist or is not writable")
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        with _one_quick_try():
+            MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
-        raise TrackingError(f"MLflow tracking store {uri} cannot be used: {exc}") from None
+        reason = " ".join(str(exc).split())[:300]  # one line, however long the server's answer
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used: {reason}") from None
 
 
-def ensure_experiment(name: str, repo_root: Path) -> str:
-    """The experiment's id, creating it with artifacts under ``<repo root>/mlartifacts``."""
+def ensure_experiment(name: str, uri: str) -> str:
+    """The experiment's id, creating it with the artifact location ``artifact_location`` gives."""
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return mlflow.create_experiment(
-            name, artifact_location=(Path(repo_root).resolve() / "mlartifacts").as_uri()
-        )
+        return mlflow.create_experiment(name, artifact_location=artifact_location(uri))
     except mlflow.exceptions.MlflowException:
         # another stage process created it at the same moment
         existing = mlflow.get_experiment_by_name(name)
         if existing is None:
             raise
         return existing.experiment_id
+
+
+def open_experiment(uri: str, name: str, repo_root: Path) -> str:
+    """Check the store, create it and the experiment if new; the experiment's id.
+
+    Run once before DDP workers start, so they never race to create the database. With a
+    tracking server, an experiment whose artifacts live in this checkout (made by a vitkit
+    that gave servers a local location) is refused: its runs would write here, not to the server.
+    """
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    experiment_id = ensure_experiment(name, uri)
+    if is_remote(uri):
+        location = mlflow.get_experiment(experiment_id).artifact_location
+        checkout = Path(repo_root).resolve()
+        local = Path(location.removeprefix("file://")) if location.startswith(("file:", "/")) else None
+        if local is not None and local.resolve().is_relative_to(checkout):
+            raise TrackingError(
+                f"experiment '{name}' on {uri} keeps its artifacts in {location}, inside this checkout, "
+                "not on the server. Rename it on the server (`mlflow experiments rename`) or set "
+                "mlflow.experiment to a new name, so a new one is created with the server's artifact store."
+            )
+    return experiment_id
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a run: read back by ``end_stale_runs``."""
+    me = psutil.Process()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(me.pid), PROCESS_START_TAG: str(me.create_time())}
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    try:
+        process = psutil.Process(pid)
+        return abs(process.create_time() - started) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def end_stale_runs(client: MlflowClient, experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``stage`` whose process on this host is gone; their ids.
+
+    Runs of other hosts are left alone: whether their process lives cannot be told from here.
+    """
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{STAGE_TAG}` = '{stage}'",
+    )
+    stale = []
+    for run in running:
+        tags = run.data.tags
+        if tags.get(HOST_TAG) != host:
+            continue
+        try:
+            pid, started = int(tags[PID_TAG]), float(tags[PROCESS_START_TAG])
+        except (KeyError, ValueError):
+            continue
+        if not _process_alive(pid, started):
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            client.set_tag(run.info.run_id, "vitkit.killed_because", f"process {pid} on {host} was gone")
+            stale.append(run.info.run_id)
+    return stale
 
 
 def git_commit(repo_root: Path) -> str:
@@ -161,11 +271,22 @@ def stage_run(
     params: Mapping[str, Any],
     extra_tags: Mapping[str, str] | None = None,
 ) -> Iterator[StageRun]:
-    """Open the stage's run (as a child of the flow's run when there is one) and close it with its status."""
+    """Open the stage's run (as a child of the flow's run when there is one) and close it with its status.
+
+    Earlier runs of the stage whose process died are marked KILLED first. The run ends FINISHED,
+    KILLED on Ctrl-C, FAILED on any other exception.
+    """
     uri = tracking_uri(repo_root)
     mlflow.set_tracking_uri(uri)
-    experiment_id = ensure_experiment(experiment, repo_root)
-    tags = {"vitkit.stage": stage, "mlflow.source.git.commit": git_commit(repo_root), **(extra_tags or {})}
+    experiment_id = ensure_experiment(experiment, uri)
+    for run_id in end_stale_runs(MlflowClient(uri), experiment_id, stage):
+        print(f"[{stage}] run {run_id} was left RUNNING by a process that died: marked KILLED", flush=True)
+    tags = {
+        STAGE_TAG: stage,
+        "mlflow.source.git.commit": git_commit(repo_root),
+        **process_tags(),
+        **(extra_tags or {}),
+    }
     parent = os.environ.get(PARENT_RUN_ENV) or None
     nested = mlflow.active_run() is not None
     with mlflow.start_run(
@@ -173,4 +294,8 @@ def stage_run(
     ) as run:
         handle = StageRun(run.info.run_id)
         handle.log_params(params)
-        yield handle
+        try:
+            yield handle
+        except KeyboardInterrupt:
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise

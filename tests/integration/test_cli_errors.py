@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -102,6 +103,42 @@ def test_unreachable_tracking_server_fails_before_training(built_repo, tmp_path)
     assert_one_clear_error(result, f"http://127.0.0.1:{port} is unreachable")
     assert "teacher 1/" not in result.stderr + result.stdout  # no training step ran
     assert snapshot(built_repo) == before
+
+
+def test_refusing_or_silent_tracking_server_stops_a_ddp_stage_before_it_launches(tmp_path):
+    """A port nobody listens on, and one that accepts but never answers (where MLflow's own client
+    would retry for minutes): one error line within 60 s, before torchrun starts any rank."""
+    repo = make_pipeline_repo(tmp_path / "repo")
+    params_file = write_params(tmp_path, smoke_params(engine={"nproc": 2}))
+    with socket.socket() as refusing, socket.socket() as silent:
+        refusing.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uris = [f"http://127.0.0.1:{s.getsockname()[1]}" for s in (refusing, silent)]
+        processes = [
+            subprocess.Popen(
+                stage_command("train_teacher", params_file),
+                cwd=repo,
+                env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for uri in uris
+        ]
+        try:
+            for uri, process in zip(uris, processes, strict=True):
+                stdout, stderr = process.communicate(timeout=60)
+                result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+                assert_one_clear_error(result, f"[train_teacher] MLflow tracking server {uri} is unreachable")
+                assert "MLFLOW_TRACKING_URI" in stderr
+                assert "launching 2 processes" not in stdout
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    assert not (repo / "mlflow.db").exists() and not (repo / "checkpoints").exists()
 
 
 def test_nan_loss_stops_training_and_keeps_the_previous_model(built_repo, tmp_path):

@@ -95,28 +95,37 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
 def test_ddp_teacher_with_two_cpu_processes_matches_one(tmp_path):
     """train_teacher under torchrun (2 processes, gloo) learns as well as one process.
 
-    From scratch this ResNet needs ~150-300 steps on the shapes data before its accuracy leaves chance
-    level, so the run (~225 steps) compares losses and accuracies loosely.
+    The 2-process run comes first, on a checkout with no MLflow store yet (its ranks once raced to
+    create the database). From scratch this ResNet needs ~150-300 steps on the shapes data before its
+    accuracy leaves chance level, so the run (~225 steps) compares losses and accuracies loosely.
     """
     repo = make_pipeline_repo(tmp_path / "ddp")
     data = {"classification": {"shapes": {"train_per_class": 300, "val_per_class": 30}}}
-    results = {}
-    for nproc in (1, 2):
+    results, outputs = {}, {}
+    for nproc in (2, 1):
         # the same global batch: 1 process x 64 or 2 processes x 32
         teacher = {"epochs": 8, "lr": 0.003, "batch_size": 64 // nproc, "init": "scratch"}
         params = smoke_params(data=data, engine={"nproc": nproc, "threads": 1}, teacher=teacher)
         params_file = tmp_path / f"params-{nproc}.yaml"
         params_file.write_text(yaml.safe_dump(params))
-        if nproc == 1:
-            prepared = run([sys.executable, "-m", "stages.prepare", "--params", str(params_file)], repo)
+        if nproc == 2:  # prepare logs to another store, so the checkout has none before the DDP run
+            prepare_store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/prepare.db"}
+            prepare = [sys.executable, "-m", "stages.prepare", "--params", str(params_file)]
+            prepared = run(prepare, repo, prepare_store)
             assert prepared.returncode == 0, prepared.stderr
+            assert not (repo / "mlflow.db").exists()
         result = run([sys.executable, "-m", "stages.train_teacher", "--params", str(params_file)], repo)
         assert result.returncode == 0, result.stdout + result.stderr
+        outputs[nproc] = result.stdout
         results[nproc] = json.loads((repo / "metrics/teacher.json").read_text())
         history = (repo / "plots/teacher/history.csv").read_text().splitlines()
         results[nproc]["first_train_loss"] = float(history[1].split(",")[1])
         results[nproc]["final_train_loss"] = float(history[-1].split(",")[1])
-    assert "launching 2 processes" in result.stdout
+    assert "launching 2 processes" in outputs[2]
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("vitkit").experiment_id])
+    assert sorted(r.data.tags["vitkit.world_size"] for r in runs) == ["1", "2"]  # rank 0 alone logs
+    assert all(r.info.status == "FINISHED" for r in runs)
     assert results[1]["train_images"] == results[2]["train_images"] == 1800
     for metrics in results.values():  # both learn: the loss falls well below its first epoch
         assert metrics["final_train_loss"] < metrics["first_train_loss"] - 0.15, results

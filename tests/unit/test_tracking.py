@@ -1,9 +1,14 @@
-"""MLflow conventions: URI, reachability, run nesting and tags, batched metrics, model round trip."""
+"""MLflow conventions: URI, artifact location, reachability, run nesting and tags, batched metrics,
+the status a run ends with (also when its process was killed), model round trip."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -12,6 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from vitkit import tracking
 from vitkit.errors import TrackingError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -26,6 +33,14 @@ def test_default_uri_is_absolute_in_repo_root_whatever_the_cwd(repo, monkeypatch
     assert tracking.tracking_uri(repo) == f"sqlite:///{repo.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
     assert tracking.tracking_uri(repo) == "http://example.invalid:5000"
+
+
+def test_artifacts_stay_local_only_beside_a_local_database(repo):
+    assert (
+        tracking.artifact_location(tracking.tracking_uri(repo)) == (repo.resolve() / "mlartifacts").as_uri()
+    )
+    # a server chooses (mlflow-artifacts: through its proxy); a local path would fill the client's disk
+    assert tracking.artifact_location("http://127.0.0.1:5000") is None
 
 
 def test_unreachable_server_fails_fast_with_one_message():
@@ -47,8 +62,7 @@ def test_unwritable_sqlite_folder_is_reported(tmp_path):
 
 def test_stage_run_is_a_tagged_child_of_the_flow_run_with_per_epoch_metrics(repo, monkeypatch):
     uri = tracking.tracking_uri(repo)
-    mlflow.set_tracking_uri(uri)
-    experiment_id = tracking.ensure_experiment("exp", repo)
+    experiment_id = tracking.open_experiment(uri, "exp", repo)
     assert (
         MlflowClient(uri).get_experiment(experiment_id).artifact_location == (repo / "mlartifacts").as_uri()
     )
@@ -72,10 +86,54 @@ def test_stage_run_is_a_tagged_child_of_the_flow_run_with_per_epoch_metrics(repo
     assert child.info.status == "FINISHED"
 
 
-def test_failed_stage_marks_its_run_failed(repo):
+def test_failed_stage_marks_its_run_failed_and_an_interrupted_one_killed(repo):
     with pytest.raises(RuntimeError), tracking.stage_run("boom", repo, "exp", {}) as run:
         raise RuntimeError("stage crashed")
-    assert MlflowClient(tracking.tracking_uri(repo)).get_run(run.run_id).info.status == "FAILED"
+    with pytest.raises(KeyboardInterrupt), tracking.stage_run("boom", repo, "exp", {}) as interrupted:
+        raise KeyboardInterrupt
+    client = MlflowClient(tracking.tracking_uri(repo))
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    assert client.get_run(interrupted.run_id).info.status == "KILLED"
+
+
+KILLED_STAGE = """
+import os, signal, sys
+from pathlib import Path
+from vitkit import tracking
+with tracking.stage_run("train_x", Path(sys.argv[1]), "exp", {}) as run:
+    print(run.run_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_run_of_a_killed_stage_is_marked_killed_when_the_stage_starts_again(repo):
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_STAGE, str(repo)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed_id = killed.stdout.strip()
+    uri = tracking.tracking_uri(repo)
+    client = MlflowClient(uri)
+    assert client.get_run(killed_id).info.status == "RUNNING"  # nothing could end it
+
+    # runs that must survive: this live process's, another host's, another stage's
+    experiment_id = client.get_experiment_by_name("exp").experiment_id
+    alive = client.create_run(experiment_id, tags={tracking.STAGE_TAG: "train_x", **tracking.process_tags()})
+    elsewhere_tags = {**tracking.process_tags(), tracking.HOST_TAG: "another-machine", tracking.PID_TAG: "1"}
+    elsewhere = client.create_run(experiment_id, tags={tracking.STAGE_TAG: "train_x", **elsewhere_tags})
+    killed_tags = client.get_run(killed_id).data.tags
+    dead_process = {
+        k: killed_tags[k] for k in (tracking.HOST_TAG, tracking.PID_TAG, tracking.PROCESS_START_TAG)
+    }
+    other_stage = client.create_run(experiment_id, tags={tracking.STAGE_TAG: "train_y", **dead_process})
+
+    with tracking.stage_run("train_x", repo, "exp", {}) as rerun:
+        pass
+    assert client.get_run(killed_id).info.status == "KILLED"
+    assert "was gone" in client.get_run(killed_id).data.tags["vitkit.killed_because"]
+    assert client.get_run(rerun.run_id).info.status == "FINISHED"
+    for survivor in (alive, elsewhere, other_stage):
+        assert client.get_run(survivor.info.run_id).info.status == "RUNNING"
 
 
 def test_logged_model_loads_back_and_predicts(repo):
