@@ -197,13 +197,14 @@ def test_two_nodes_resume_after_kill_and_match_an_uninterrupted_run(tmp_path, no
 def test_a_rendezvous_nobody_completes_is_one_error_line(tmp_path):
     """The other node never comes (this machine hosts the rendezvous and waits), or the endpoint is
     on a machine nobody answers from (192.0.2.1 is reserved for documentation, never routed)."""
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(smoke_params(engine={"nproc": 2})))
     endpoints = {"alone": f"127.0.0.1:{free_port()}", "unreachable": "192.0.2.1:29400"}
+    for case in endpoints:  # two machines: each its own checkout (and MLflow store)
+        (tmp_path / case).mkdir()
+        (tmp_path / case / "params.yaml").write_text(yaml.safe_dump(smoke_params(engine={"nproc": 2})))
     processes = {
         case: subprocess.Popen(
-            teacher_command(params_file),
-            cwd=tmp_path,
+            teacher_command(tmp_path / case / "params.yaml"),
+            cwd=tmp_path / case,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -227,4 +228,6 @@ def test_a_rendezvous_nobody_completes_is_one_error_line(tmp_path):
         assert "VITKIT_RDZV_ENDPOINT" in errors[0]
         with pytest.raises(ProcessLookupError):  # nothing of its process group is left running
             os.killpg(processes[case].pid, 0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+        # nothing written but the MLflow store, which the launcher creates before any rank starts
+        written = {p.name for p in (tmp_path / case).iterdir()} - {"params.yaml", "mlflow.db", "mlartifacts"}
+        assert not written, written
