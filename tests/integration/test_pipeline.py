@@ -92,6 +92,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     assert "pretext_top1" in (repro_repo / "plots/ssl/history.csv").read_text().splitlines()[0]
 
 
+# 3.5 min on 2 cores; tests/unit/test_ddp_training.py keeps two gloo ranks in the default run
+@pytest.mark.slow
 def test_ddp_teacher_with_two_cpu_processes_matches_one(tmp_path):
     """train_teacher under torchrun (2 processes, gloo) learns as well as one process.
 
