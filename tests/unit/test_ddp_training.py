@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests.trainer_config import cpu_trainer_config
 from vitkit.config import load_params
 from vitkit.data.datasets import TensorImageDataset
 from vitkit.data.transforms import train_transform
@@ -31,23 +32,9 @@ class StopTraining(Exception):
 
 
 def _config(**fields) -> TrainerConfig:
-    defaults = dict(
-        epochs=1,
-        batch_size=4,
-        lr=0.05,
-        weight_decay=0.0,
-        warmup_epochs=0.0,
-        grad_clip=0.0,
-        seed=0,
-        amp=False,
-        channels_last=False,
-        num_workers=0,
-        checkpoint_every_steps=3,
-        desc="ddp",
-        fingerprint="ddp-v1",
-        progress=False,
-    )
-    return TrainerConfig(**{**defaults, **fields})
+    ddp = dict(epochs=1, batch_size=4, lr=0.05, weight_decay=0.0, warmup_epochs=0.0, grad_clip=0.0)
+    cpu = dict(amp=False, channels_last=False, checkpoint_every_steps=3, desc="ddp", fingerprint="ddp-v1")
+    return cpu_trainer_config(**{**ddp, **cpu, **fields})
 
 
 def _in_two_processes(worker, tmp: Path, *args) -> list:

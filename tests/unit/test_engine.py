@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from tests.trainer_config import cpu_trainer_config
 from vitkit.data.samplers import RASampler
 from vitkit.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vitkit.engine.distributed import DistInfo
 from vitkit.engine.task import TrainingTask
-from vitkit.engine.trainer import Trainer, TrainerConfig, build_scheduler
+from vitkit.engine.trainer import Trainer, build_scheduler
 
 JOB = Path(__file__).resolve().parent.parent / "engine_job.py"
 
@@ -91,24 +92,6 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def _trainer_config(**fields) -> TrainerConfig:
-    """A CPU test run: the former TrainerConfig defaults for whatever ``fields`` leaves out."""
-    defaults = dict(
-        weight_decay=0.05,
-        warmup_epochs=1.0,
-        grad_clip=1.0,
-        seed=0,
-        amp=True,
-        channels_last=True,
-        num_workers=0,
-        checkpoint_every_steps=50,
-        desc="train",
-        fingerprint="",
-        progress=False,
-    )
-    return TrainerConfig(**{**defaults, **fields})
-
-
 def test_repeated_augmentation_and_a_step_hook_with_its_state_in_the_checkpoint(tmp_path):
     """The sampler DeiT asks for, a hook after every optimizer step, and the hook's state resumed."""
     torch.manual_seed(0)
@@ -134,7 +117,7 @@ def test_repeated_augmentation_and_a_step_hook_with_its_state_in_the_checkpoint(
             state.update(saved)
 
     def build(epochs: int) -> Trainer:
-        cfg = _trainer_config(epochs=epochs, batch_size=4, lr=0.01, repeated_augmentations=2)
+        cfg = cpu_trainer_config(epochs=epochs, batch_size=4, lr=0.01, repeated_augmentations=2)
         return Trainer(CountingTask(), dataset, cfg, torch.device("cpu"), DistInfo(), tmp_path)
 
     trainer = build(epochs=1)
@@ -172,7 +155,7 @@ def test_every_term_the_step_returns_is_logged_as_its_epoch_mean(tmp_path):
             self.epoch = epoch  # 1-based: the next epoch's steps go to losses[epoch]
             return {}
 
-    cfg = _trainer_config(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0.0)
+    cfg = cpu_trainer_config(epochs=2, batch_size=4, lr=0.05, warmup_epochs=0.0)
     history = Trainer(HalfTask(), dataset, cfg, torch.device("cpu"), DistInfo(), tmp_path).fit()
 
     assert [row["epoch"] for row in history] == [1, 2]
