@@ -398,7 +398,8 @@ def build_deformable_detr(
         train_backbone=cfg.train_backbone,
         stem=cfg.stem,
     )
-    joiner = Joiner(backbone, build_position_encoding(cfg.hidden_dim))
+    # Deformable DETR's encoding puts each pixel at its centre, (i - 0.5) / n, unlike DETR's i / n.
+    joiner = Joiner(backbone, build_position_encoding(cfg.hidden_dim, offset=0.5))
     transformer = DeformableTransformer(
         d_model=cfg.hidden_dim,
         nhead=cfg.nheads,
