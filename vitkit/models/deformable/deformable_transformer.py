@@ -318,7 +318,8 @@ class DeformableTransformer(nn.Module):
                 self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
             )
             # Rank by the first class's logit, as the official code; never pick a pixel whose proposal
-            # is invalid (padding, border), which the official code could on a padded image.
+            # is invalid (padding, border): the official code does when their shared score (memory
+            # zeroed there) ranks high enough, and then its queries depend on the batch's padding.
             scores = enc_outputs_class[..., 0].masked_fill(output_proposals[..., 0].isinf(), float("-inf"))
             topk = scores.topk(self.two_stage_num_proposals, dim=1).indices
             topk_coords_unact = torch.gather(

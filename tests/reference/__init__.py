@@ -1,0 +1,1 @@
+"""Transcriptions of official implementations, used only as references in tests."""
