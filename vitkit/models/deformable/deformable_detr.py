@@ -35,10 +35,11 @@ depend on its batch mates:
 * two-stage: a padding or border pixel, whose proposal the official code sets to +inf,
   never becomes a query (see ``DeformableTransformer.forward``).
 
-Otherwise an official checkpoint gives the official outputs: the whole model on unpadded
-images, and a padded batch from the projected levels on (``forward_levels``), agree with a
-transcription of the official forward to 1e-4 in float32 for the plain, box-refining and
-two-stage variants (``tests/unit/test_deformable_parity.py``).
+Otherwise an official checkpoint gives the official outputs, to 1e-4 in float32 for the plain,
+box-refining and two-stage variants against a transcription of the official forward
+(``tests/unit/test_deformable_parity.py``): each image of a padded batch gets what the official
+model gives for that image alone, and from the projected levels on (``forward_levels``) a padded
+batch gets what the official model gives for that batch.
 """
 
 from __future__ import annotations
