@@ -61,8 +61,8 @@ def stage_rows(api_url: str) -> list[dict]:
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["vitkit-stages"]))
         )
     rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    for row in rows:  # what the job took beyond its own steps: process start, engine, git clone
-        row["start_s"] = round(
+    for row in rows:  # what the running job took beyond its own steps: Prefect's engine, flow load
+        row["engine_s"] = round(
             row["job_s"] - sum(row[k] for k in ("checkout_s", "pull_s", "run_s", "push_s")), 2
         )
     return rows
