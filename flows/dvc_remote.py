@@ -173,7 +173,13 @@ def _probe(repo: Path, name: str) -> None:
 
     with Repo(str(repo)) as dvc_repo:
         storage = dvc_repo.cloud.get_remote(name, "check")
-        storage.fs.exists(storage.path)
+        try:
+            storage.fs.info(storage.path)
+        except FileNotFoundError as exc:  # nothing there yet is fine: the first push creates it...
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+                # ...but fsspec's HTTP filesystem reports a refused connection as "not found"
+                raise ConnectionError(str(cause)) from exc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,6 +137,9 @@ def test_a_refused_connection_is_one_line_naming_the_remote(tiny_repo):
     url = f"http://127.0.0.1:{closed_port()}/store"
     run(["dvc", "remote", "add", "-d", "storage", url], tiny_repo)
     assert_one_error_line(remote_cli(tiny_repo, "push", "--no-run-cache"), url, "Connect call failed")
+    # the probe alone says so too: a pull with nothing to fetch, or a push of many files, does
+    # not get as far as DVC's transfer to find out
+    assert_one_error_line(remote_cli(tiny_repo, "check"), url, "Connect call failed")
 
 
 def test_a_remote_that_never_answers_is_reported_after_the_probe_time_limit(tiny_repo):
