@@ -82,6 +82,7 @@ def engine_loop(dataset, args, device, checkpoint_dir: Path) -> float:
         channels_last=True,
         num_workers=0,
         checkpoint_every_steps=50,
+        check_every_steps=10,
         desc="engine",
         fingerprint="",
         progress=True,

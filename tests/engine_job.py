@@ -65,6 +65,7 @@ def main() -> int:
         channels_last=True,
         num_workers=0,
         checkpoint_every_steps=5,
+        check_every_steps=4,
         desc="tiny",
         fingerprint="tiny-v1",
         progress=False,

@@ -20,6 +20,7 @@ def cpu_trainer_config(**fields) -> TrainerConfig:
         channels_last=True,
         num_workers=0,
         checkpoint_every_steps=50,
+        check_every_steps=10,
         desc="train",
         fingerprint="",
         progress=False,

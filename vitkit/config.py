@@ -104,6 +104,14 @@ class EngineParams(Section):
     checkpoint_every_steps: PositiveInt = Field(
         description="Optimiser steps between resumable checkpoints (one is also written at every epoch end)."
     )
+    check_every_steps: PositiveInt = Field(
+        description=(
+            "Optimiser steps between the loop's reads of the losses on the host: the non-finite-loss guard "
+            "and the progress bar. Also read before every checkpoint and at every epoch end, so the error "
+            "names the first bad step and no checkpoint holds a diverged model. Each read waits for the "
+            "device to catch up, so a GPU should not do it every step."
+        )
+    )
 
 
 class ShapesClassification(Section):

@@ -35,6 +35,7 @@ def trainer_config(
         "channels_last": engine.channels_last,
         "num_workers": engine.num_workers,
         "checkpoint_every_steps": engine.checkpoint_every_steps,
+        "check_every_steps": engine.check_every_steps,
         "desc": desc,
         "fingerprint": fingerprint,
     }
