@@ -2,7 +2,7 @@
 
 A method supplies a ``TrainingTask`` (the model and its recipe, see
 ``vitkit/engine/task.py``) and a dataset; the engine owns the rest: device
-placement, bf16 autocast on CUDA, channels_last, AdamW + linear warmup +
+placement, bf16 autocast (on CUDA, or everywhere), torch.compile, TF32, channels_last, AdamW + linear warmup +
 cosine decay per step, gradient clipping, a progress bar with loss and
 images/s, every term the task's step returns averaged per epoch, the task's
 validation after each epoch, checkpoints every N steps (atomic) with the
@@ -41,7 +41,7 @@ from vitkit.engine.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from vitkit.engine.device import autocast
+from vitkit.engine.device import autocast, set_tf32
 from vitkit.engine.distributed import DistInfo, all_gather_object, all_reduce_mean, broadcast_object
 from vitkit.engine.task import TrainingTask
 from vitkit.errors import TrainingError
@@ -61,7 +61,9 @@ class TrainerConfig:
     warmup_epochs: float
     grad_clip: float  # 0: no clipping
     seed: int
-    amp: bool  # bf16 autocast on CUDA
+    amp: str  # bf16 autocast: "cuda" (there only), "always" or "off" (vitkit.engine.device.autocast)
+    compile: bool  # torch.compile the training model
+    tf32: bool  # TF32 float32 matmuls and convolutions on CUDA
     channels_last: bool  # on CUDA
     num_workers: int
     checkpoint_every_steps: int
@@ -144,6 +146,8 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.use_channels_last = cfg.channels_last and device.type == "cuda"
 
+        if device.type == "cuda":
+            set_tf32(cfg.tf32)
         self.model = task.model = task.model.to(device)
         if self.use_channels_last:
             self.model = task.model = self.model.to(memory_format=torch.channels_last)
@@ -152,6 +156,8 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if cfg.compile:  # of the DDP wrapper, as torch recommends; checkpoints and validation use self.model
+            self.train_model = torch.compile(self.train_model)
         if dist.enabled:
             # the model is built (identically on every rank); from here on each rank draws its own
             # augmentations. One process keeps its stream: single-process results stay as they were.
