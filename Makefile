@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install pipeline test test-slow lint mlflow-ui prefect-ui serve bench clean-state
+.PHONY: install pipeline test test-slow lint gpu-check mlflow-ui prefect-ui serve bench clean-state
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+## On a CUDA machine: each model stage's training step with bf16 + torch.compile + TF32 at the gpu
+## profile's sizes; prints steps/s, peak memory and MFU per model (a few minutes, mostly compilation).
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000

@@ -93,7 +93,26 @@ class EngineParams(Section):
             "torchrun (DDP: gloo on CPU, nccl on GPU). The nodes come from the environment (VITKIT_NNODES)."
         )
     )
-    amp: bool = Field(description="bf16 autocast on CUDA; ignored on other devices.")
+    amp: Literal["off", "cuda", "always"] = Field(
+        description=(
+            "bf16 autocast: `cuda` on CUDA only (a CPU without AMX runs bf16 slower than fp32), "
+            "`always` on every device (CPUs with AMX; on any CPU it shows dtype mistakes without a GPU), "
+            "`off` never."
+        )
+    )
+    compile: bool = Field(
+        description=(
+            "torch.compile the model for training (the training forward and backward; validation stays "
+            "eager). The first steps pay the compilation (a minute or two on a CPU), so it pays off only "
+            "in long runs."
+        )
+    )
+    tf32: bool = Field(
+        description=(
+            "On CUDA, float32 matmuls and convolutions in TF32 (10-bit mantissa; this includes the parts "
+            "autocast leaves in fp32: losses, matching, contrastive similarities). Ignored on other devices."
+        )
+    )
     channels_last: bool = Field(description="channels_last memory format for image batches on CUDA.")
     threads: NonNegInt = Field(
         description="torch intra-op threads; 0 keeps torch's default (split between DDP processes on CPU)."
@@ -103,6 +122,14 @@ class EngineParams(Section):
     )
     checkpoint_every_steps: PositiveInt = Field(
         description="Optimiser steps between resumable checkpoints (one is also written at every epoch end)."
+    )
+    check_every_steps: PositiveInt = Field(
+        description=(
+            "Optimiser steps between the loop's reads of the losses on the host: the non-finite-loss guard "
+            "and the progress bar. Also read before every checkpoint and at every epoch end, so the error "
+            "names the first bad step and no checkpoint holds a diverged model. Each read waits for the "
+            "device to catch up, so a GPU should not do it every step."
+        )
     )
 
 

@@ -92,6 +92,21 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     assert "pretext_top1" in (repro_repo / "plots/ssl/history.csv").read_text().splitlines()[0]
 
 
+# every model stage compiles (minutes each on 2 cores); the default run keeps CPU bf16 through
+# tests/unit/test_tasks.py
+@pytest.mark.slow
+def test_the_smoke_dag_runs_compiled_under_cpu_bf16_autocast(tmp_path):
+    """``engine.amp: always`` and ``engine.compile: true`` on a CPU: every stage runs to the end."""
+    repo = make_pipeline_repo(tmp_path / "fast", smoke_params(engine={"amp": "always", "compile": True}))
+    result = run(["dvc", "repro"], repo, timeout=7200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert 0.0 <= evaluate["teacher"]["top1"] <= 1.0
+    for arch in ("detr", "deformable"):
+        assert 0.0 <= evaluate["detection"][arch]["AP"] <= 1.0
+    check_deit_outputs(repo, evaluate)
+
+
 # 3.5 min on 2 cores; tests/unit/test_ddp_training.py keeps two gloo ranks in the default run
 @pytest.mark.slow
 def test_ddp_teacher_with_two_cpu_processes_matches_one(tmp_path):

@@ -72,3 +72,23 @@ def test_info_nce_logits_labels_and_loss() -> None:
         negatives = sum(math.exp(float(q[i] @ queue[j]) / tau) for j in range(k_size))
         expected -= math.log(positive / (positive + negatives)) / n
     assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_similarities_are_float32_under_bf16_autocast() -> None:
+    """Autocast would run the similarity matmuls in bf16 (cosine / T in steps of ~0.02); the losses
+    keep them in float32, so under CPU bf16 autocast they give the fp32 values."""
+    gen = torch.Generator().manual_seed(3)
+    z1, z2, queue = (
+        torch.randn(16, 32, generator=gen),
+        torch.randn(16, 32, generator=gen),
+        torch.randn(64, 32),
+    )
+    q, k, queue = F.normalize(z1, dim=1), F.normalize(z2, dim=1), F.normalize(queue, dim=1)
+    expected_loss, expected_logits, _ = info_nce(q, k, queue, 0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (q @ queue.T).dtype == torch.bfloat16  # what the losses would get without their guard
+        loss, logits, _ = info_nce(q, k, queue, 0.2)
+        simclr = nt_xent(z1, z2, 0.2)
+    assert logits.dtype == torch.float32 and torch.equal(logits, expected_logits)
+    assert torch.equal(loss, expected_loss)
+    assert torch.equal(simclr, nt_xent(z1, z2, 0.2))

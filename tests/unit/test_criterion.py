@@ -173,7 +173,7 @@ def _distributed_worker(rank: int, init_file: str, results: str) -> None:
     try:
         targets = [{"labels": torch.zeros(n, dtype=torch.int64)} for n in ((3, 2), (1,))[rank]]
         num_boxes = SetCriterion.num_target_boxes(targets, torch.device("cpu"))
-        torch.save(torch.tensor(num_boxes), f"{results}.{rank}")
+        torch.save(num_boxes, f"{results}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -188,3 +188,41 @@ def test_box_normaliser_is_averaged_across_processes() -> None:
         )
         assert [torch.load(f"{results}.{rank}").item() for rank in (0, 1)] == [3.0, 3.0]
     assert SetCriterion.num_target_boxes([{"labels": torch.zeros(0)}], torch.device("cpu")) == 1.0
+
+
+def test_every_decoder_layer_is_matched_in_one_transfer_with_the_losses_of_layer_by_layer(
+    monkeypatch,
+) -> None:
+    """The criterion matches the final and auxiliary layers through one ``match_sets`` call (one
+    device-to-host copy) and gets the losses that matching and scoring each layer alone gives."""
+    gen = torch.Generator().manual_seed(11)
+    layers = [
+        {
+            "pred_logits": torch.randn(2, 3, NUM_CLASSES + 1, generator=gen, dtype=torch.float64),
+            "pred_boxes": torch.rand(2, 3, 4, generator=gen, dtype=torch.float64) * 0.5 + 0.2,
+        }
+        for _ in range(3)
+    ]
+    outputs = {**layers[-1], "aux_outputs": layers[:-1]}
+    criterion = _criterion()
+    num_boxes = criterion.num_target_boxes(_targets(), torch.device("cpu"))
+    expected = {}
+    for suffix, layer in [("", layers[-1]), ("_0", layers[0]), ("_1", layers[1])]:
+        indices = criterion.matcher(layer, _targets())  # the layer alone, as before
+        for name in criterion.losses:
+            terms = criterion.loss_fns[name](layer, _targets(), indices, num_boxes)
+            expected |= {f"{k}{suffix}": v for k, v in terms.items() if not (suffix and k == "class_error")}
+    calls = {"n": 0}
+    match_sets = criterion.matcher.match_sets
+
+    def counted(sets):
+        calls["n"] += 1
+        return match_sets(sets)
+
+    monkeypatch.setattr(criterion.matcher, "match_sets", counted)
+    losses = criterion(outputs, _targets())
+    assert calls["n"] == 1
+    assert set(losses) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(losses[key], value), key
+    assert isinstance(num_boxes, torch.Tensor) and num_boxes.dim() == 0

@@ -33,7 +33,7 @@ class StopTraining(Exception):
 
 def _config(**fields) -> TrainerConfig:
     ddp = dict(epochs=1, batch_size=4, lr=0.05, weight_decay=0.0, warmup_epochs=0.0, grad_clip=0.0)
-    cpu = dict(amp=False, channels_last=False, checkpoint_every_steps=3, desc="ddp", fingerprint="ddp-v1")
+    cpu = dict(amp="off", channels_last=False, checkpoint_every_steps=3, desc="ddp", fingerprint="ddp-v1")
     return cpu_trainer_config(**{**ddp, **cpu, **fields})
 
 

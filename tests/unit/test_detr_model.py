@@ -63,6 +63,39 @@ def test_an_image_alone_and_inside_a_padded_batch_give_the_same_outputs(stem: st
                 assert (batch[key][index] - alone[key][0]).abs().max() <= 1e-4, (index, key)
 
 
+def test_the_trunk_runs_once_per_batch_of_mixed_sizes_without_reading_the_mask_back(monkeypatch) -> None:
+    """One trunk call for five sizes, exact masks for every returned stage, and no host read of a
+    tensor (each would stall a GPU) in the backbone's forward."""
+    backbone = build_backbone("resnet18", _trained_like_state(), ("layer2", "layer3", "layer4"))
+    sides = ((37, 50), (64, 64), (33, 17), (64, 20), (8, 64))
+    samples = nested_tensor_from_images([torch.randn(3, h, w) for h, w in sides])
+    calls = {"trunk": 0, "reads": 0}
+    body_forward = backbone.body.forward
+
+    def counted_body(x):
+        calls["trunk"] += 1
+        return body_forward(x)
+
+    monkeypatch.setattr(backbone.body, "forward", counted_body)
+    for name in ("item", "tolist", "cpu", "__bool__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            calls["reads"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with torch.no_grad():
+        levels = backbone(samples)
+    monkeypatch.undo()
+    assert calls == {"trunk": 1, "reads": 0}
+    for level, stride in zip(levels, (8, 16, 32), strict=True):
+        for features, mask, (h, w) in zip(level.tensors, level.mask, sides, strict=True):
+            valid = (-(-h // stride), -(-w // stride))  # ceil: every ResNet downsampling rounds up
+            assert not mask[: valid[0], : valid[1]].any() and mask.sum() == mask.numel() - valid[0] * valid[1]
+            assert features[:, mask].abs().sum() == 0  # the padding is zero, as on the image alone
+
+
 def test_outputs_have_detr_shapes_and_boxes_in_unit_range() -> None:
     cfg = _config()
     model = build_detr(cfg)

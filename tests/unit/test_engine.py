@@ -164,3 +164,40 @@ def test_every_term_the_step_returns_is_logged_as_its_epoch_mean(tmp_path):
         assert row["train_loss"] == pytest.approx(sum(epoch_losses) / 6, rel=1e-5)
         assert row["train_half_loss"] == pytest.approx(row["train_loss"] / 2, rel=1e-5)
     assert history[1]["train_loss"] < history[0]["train_loss"]  # the means are of different epochs
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_the_loop_reads_the_device_every_check_not_every_step(tmp_path, monkeypatch):
+    """Every host read of a tensor (a GPU stall) counted through fit: a longer run adds one per
+    ``check_every_steps`` steps, not one per step, while the losses are still all checked."""
+    reads = {"n": 0}
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    class SquareTask(TrainingTask):
+        def __init__(self) -> None:
+            self.model = torch.nn.Linear(3, 1)
+
+        def step(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+            loss = model(batch[0]).square().mean()
+            return {"loss": loss, "half": loss.detach() / 2}
+
+    def reads_in_a_run(steps: int) -> int:
+        dataset = TensorDataset(torch.randn(steps * 2, 3), torch.zeros(steps * 2, dtype=torch.long))
+        cfg = cpu_trainer_config(
+            epochs=1, batch_size=2, lr=0.01, checkpoint_every_steps=1000, check_every_steps=10
+        )
+        trainer = Trainer(SquareTask(), dataset, cfg, torch.device("cpu"), DistInfo(), tmp_path / str(steps))
+        reads["n"] = 0
+        trainer.fit()
+        return reads["n"]
+
+    assert reads_in_a_run(80) - reads_in_a_run(40) == 40 // 10

@@ -104,3 +104,30 @@ def test_non_finite_predictions_raise_training_error() -> None:
 def test_all_zero_costs_are_a_config_error() -> None:
     with pytest.raises(ConfigError, match="set_cost_class"):
         HungarianMatcher(0.0, 0.0, 0.0)
+
+
+def test_all_decoder_layers_in_one_transfer_match_as_each_layer_alone(monkeypatch) -> None:
+    """``match_sets`` gives every layer the assignment matching that layer alone gives, and moves
+    the costs of all of them to the host in one copy."""
+    gen = torch.Generator().manual_seed(7)
+    targets = [_random_image(gen, 6, n, 4)[2] for n in (3, 0, 6, 2)]
+    layers = [
+        {"pred_logits": torch.randn(4, 6, 5, generator=gen), "pred_boxes": torch.rand(4, 6, 4, generator=gen)}
+        for _ in range(6)
+    ]
+    matcher = HungarianMatcher()
+    alone = [matcher(layer, targets) for layer in layers]
+    copies = {"n": 0}
+    to_host = torch.Tensor.cpu
+
+    def counted_cpu(self, *args, **kwargs):
+        copies["n"] += 1
+        return to_host(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted_cpu)
+    together = matcher.match_sets([(layer, targets) for layer in layers])
+    assert copies["n"] == 1
+    assert len(together) == len(layers)
+    for one, other in zip(alone, together, strict=True):
+        for (q1, t1), (q2, t2) in zip(one, other, strict=True):
+            assert torch.equal(q1, q2) and torch.equal(t1, t2)

@@ -31,15 +31,32 @@ def select_device(preference: str = "auto", local_rank: int = 0) -> torch.device
     return torch.device(preference)
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); a no-op elsewhere.
+AMP_MODES = ("off", "cuda", "always")
 
-    On CPU bf16 autocast is slower than fp32 on most machines without AMX, so it
-    is not used there.
+
+def autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (no loss scaling needed, unlike fp16) for ``mode`` ``engine.amp``.
+
+    ``cuda``: on CUDA only; on CPU bf16 autocast is slower than fp32 on most machines without
+    AMX. ``always``: on every device, for CPUs with AMX, and so that a CPU run meets the dtypes
+    a GPU run does (a bf16 tensor where fp32 was assumed fails or loses precision the same way).
     """
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if mode not in AMP_MODES:
+        raise ValueError(f"amp mode {mode!r}: choose from {AMP_MODES}")
+    if mode == "always" or (mode == "cuda" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 (or full IEEE fp32) for CUDA float32 matmuls and cuDNN convolutions, process-wide.
+
+    torch >= 2.9's ``fp32_precision`` settings (``allow_tf32`` is their deprecated predecessor);
+    TF32 keeps fp32's range with a 10-bit mantissa and runs on the tensor cores.
+    """
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def set_threads(threads: int) -> None:

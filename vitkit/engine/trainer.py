@@ -2,11 +2,12 @@
 
 A method supplies a ``TrainingTask`` (the model and its recipe, see
 ``vitkit/engine/task.py``) and a dataset; the engine owns the rest: device
-placement, bf16 autocast on CUDA, channels_last, AdamW + linear warmup +
+placement, bf16 autocast (on CUDA, or everywhere), torch.compile, TF32, channels_last, AdamW + linear warmup +
 cosine decay per step, gradient clipping, a progress bar with loss and
 images/s, every term the task's step returns averaged per epoch, the task's
 validation after each epoch, checkpoints every N steps (atomic) with the
-task's own state, resume after a kill, a guard against non-finite losses, and
+task's own state, resume after a kill, a guard against non-finite losses (the losses
+stay on the device and are read back every few steps, not every step), and
 DDP when launched by torchrun. Repeated augmentation (DeiT's sampler) is
 ``TrainerConfig.repeated_augmentations``.
 
@@ -40,7 +41,7 @@ from vitkit.engine.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from vitkit.engine.device import autocast
+from vitkit.engine.device import autocast, set_tf32
 from vitkit.engine.distributed import DistInfo, all_gather_object, all_reduce_mean, broadcast_object
 from vitkit.engine.task import TrainingTask
 from vitkit.errors import TrainingError
@@ -60,10 +61,13 @@ class TrainerConfig:
     warmup_epochs: float
     grad_clip: float  # 0: no clipping
     seed: int
-    amp: bool  # bf16 autocast on CUDA
+    amp: str  # bf16 autocast: "cuda" (there only), "always" or "off" (vitkit.engine.device.autocast)
+    compile: bool  # torch.compile the training model
+    tf32: bool  # TF32 float32 matmuls and convolutions on CUDA
     channels_last: bool  # on CUDA
     num_workers: int
     checkpoint_every_steps: int
+    check_every_steps: int  # steps between host reads of the losses (NaN guard, progress bar)
     desc: str  # names the run in the progress bar and messages
     fingerprint: str  # a checkpoint resumes only a run with the same fingerprint
     repeated_augmentations: int = 1  # > 1: each image this many times per epoch (RASampler); 1 is off
@@ -142,6 +146,8 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.use_channels_last = cfg.channels_last and device.type == "cuda"
 
+        if device.type == "cuda":
+            set_tf32(cfg.tf32)
         self.model = task.model = task.model.to(device)
         if self.use_channels_last:
             self.model = task.model = self.model.to(memory_format=torch.channels_last)
@@ -150,6 +156,8 @@ class Trainer:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        if cfg.compile:  # of the DDP wrapper, as torch recommends; checkpoints and validation use self.model
+            self.train_model = torch.compile(self.train_model)
         if dist.enabled:
             # the model is built (identically on every rank); from here on each rank draws its own
             # augmentations. One process keeps its stream: single-process results stay as they were.
@@ -186,6 +194,8 @@ class Trainer:
         warmup_steps = min(self.total_steps // 2, round(cfg.warmup_epochs * self.steps_per_epoch))
         self.scheduler = build_scheduler(self.optimizer, warmup_steps, self.total_steps)
         self.state = TrainState()
+        self._pending_losses: list[torch.Tensor] = []  # losses of the steps not yet read back (on the device)
+        self._pending_from = 0  # step_in_epoch of the first of them
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _checkpoint(self, finished: bool) -> dict[str, Any]:
@@ -279,22 +289,44 @@ class Trainer:
         return True
 
     # -- the loop ----------------------------------------------------------------------------------
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach()).to(torch.float32)
-        if self.dist.enabled:
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item() < 1:
+    def _read_losses(self, across_processes: bool = True) -> float:
+        """Read the losses of the steps since the last read back in one transfer; stop on a non-finite one.
+
+        Losses stay on the device step by step (a read per step would stall a GPU's queue of
+        kernels every step, plus an all-reduce under DDP): the loop calls this every
+        ``check_every_steps`` steps, before every checkpoint and at the end of every epoch, so
+        the message still names the first bad step and no checkpoint is ever written from a
+        diverged state: the last one on disk is from before it. Returns the window's last loss
+        (for the progress bar), NaN when there was nothing to read. ``across_processes=False``
+        reads this process's alone (when it failed by itself, the others would not join a collective).
+        """
+        if not self._pending_losses:
+            return math.nan
+        losses = torch.stack(self._pending_losses).float()
+        self._pending_losses = []
+        count = len(losses)
+        positions = torch.arange(count, device=losses.device)
+        first_bad = torch.where(torch.isfinite(losses), count, positions).min()
+        if self.dist.enabled and across_processes:  # the earliest bad step of any process: all stop there
+            torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+        index, *values = torch.cat([first_bad[None].to(losses.dtype), losses]).tolist()
+        index = int(index)
+        if index < count:
             kept = self.checkpoint_dir / "last.pt"
             where = (
                 f"the last good checkpoint {kept} is kept"
                 if kept.exists()
                 else "no checkpoint was written yet"
             )
+            value = values[index] if not math.isfinite(values[index]) else "non-finite on another process"
+            step = self._pending_from + index  # 0-based within the epoch: a read never spans two epochs
+            global_step = self.state.global_step - count + index
             raise TrainingError(
-                f"{self.cfg.desc}: loss became {loss.item()} at epoch {self.state.epoch + 1}, step "
-                f"{self.state.step_in_epoch + 1} (global step {self.state.global_step + 1}); {where}. "
+                f"{self.cfg.desc}: loss became {value} at epoch {self.state.epoch + 1}, step "
+                f"{step + 1} (global step {global_step + 1}); {where}. "
                 "Lower the learning rate or enable grad_clip in params.yaml, then run the stage again."
             )
+        return values[-1]
 
     def _train_epoch(self) -> dict[str, float]:
         cfg, state = self.cfg, self.state
@@ -310,13 +342,19 @@ class Trainer:
         )
         # every term the task returns, summed on the device: read back once, at the end of the epoch
         term_sums: dict[str, torch.Tensor] = {}
+        self._pending_losses, self._pending_from = [], state.step_in_epoch
         steps, images, start = 0, 0, time.perf_counter()
         for batch in self.loader:
             batch = to_device(batch, self.device, self.use_channels_last)
-            with autocast(self.device, cfg.amp):
-                terms = self.task.step(self.train_model, batch)
+            try:
+                with autocast(self.device, cfg.amp):
+                    terms = self.task.step(self.train_model, batch)
+            except TrainingError:
+                # a diverged model can fail inside the task (DETR's matcher): name the step it began at
+                self._read_losses(across_processes=False)
+                raise
             loss = terms["loss"]
-            self._check_finite(loss)
+            self._pending_losses.append(loss.detach())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
@@ -333,14 +371,21 @@ class Trainer:
             state.step_in_epoch += 1
             state.global_step += 1
             bar.update(1)
-            if steps % 10 == 0 or state.step_in_epoch == self.steps_per_epoch:
-                bar.set_postfix(
-                    loss=f"{loss.item():.4f}", img_s=f"{images / (time.perf_counter() - start):.0f}"
-                )
-            if (
+            checkpoint_due = (
                 state.step_in_epoch % cfg.checkpoint_every_steps == 0
                 and state.step_in_epoch < self.steps_per_epoch
+            )
+            if (
+                checkpoint_due
+                or len(self._pending_losses) >= cfg.check_every_steps
+                or state.step_in_epoch == self.steps_per_epoch
             ):
+                last_loss = self._read_losses()
+                self._pending_from = state.step_in_epoch
+                bar.set_postfix(
+                    loss=f"{last_loss:.4f}", img_s=f"{images / (time.perf_counter() - start):.0f}"
+                )
+            if checkpoint_due:
                 self.save()
         bar.close()
         elapsed = time.perf_counter() - start

@@ -277,13 +277,13 @@ class MoCo(nn.Module):
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         """Key embeddings of ``x``, computed on a shuffled batch and returned in the original order."""
         perm = torch.randperm(x.shape[0], device=x.device)
-        keys_shuffled = F.normalize(self.encoder_k(x[perm]), dim=1)
+        keys_shuffled = F.normalize(self.encoder_k(x[perm]).float(), dim=1)  # fp32: see info_nce
         keys = torch.empty_like(keys_shuffled)
         keys[perm] = keys_shuffled
         return keys
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = F.normalize(self.encoder_q(x1), dim=1)
+        q = F.normalize(self.encoder_q(x1).float(), dim=1)
         if self.training:
             self.momentum_update_key_encoder()
         k = self._keys(x2)

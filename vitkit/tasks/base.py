@@ -32,9 +32,12 @@ def trainer_config(
         "grad_clip": optim.grad_clip,
         "seed": seed,
         "amp": engine.amp,
+        "compile": engine.compile,
+        "tf32": engine.tf32,
         "channels_last": engine.channels_last,
         "num_workers": engine.num_workers,
         "checkpoint_every_steps": engine.checkpoint_every_steps,
+        "check_every_steps": engine.check_every_steps,
         "desc": desc,
         "fingerprint": fingerprint,
     }

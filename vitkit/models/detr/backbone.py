@@ -8,11 +8,16 @@ One departure, on purpose: DETR runs the CNN on the zero-padded batch and
 downsamples the pixel mask by nearest-neighbour interpolation. After the first
 conv + BN, padding is no longer zero, so the features along an image's right
 and bottom border depend on how much padding its batch mates forced. Here the
-CNN runs once per distinct image size on the unpadded images and the feature
-maps are padded afterwards, so an image's features (and therefore DETR's
-predictions) are the same alone or in any batch, and each feature mask is exact.
-When every image in a batch has the same size (the shapes data, any eval
-resize to a fixed size) that is a single batched call, as in DETR.
+CNN also runs once on the whole padded batch, but every frozen BatchNorm and the
+max-pool set the padding back to zero (a forward hook): a conv then reads zeros
+beyond an image's edge exactly as it would on the image alone (max-pool inputs
+are ReLU outputs, >= 0, so a zero never wins over the window's valid values),
+so an image's features (and DETR's predictions) are the same alone or in any
+batch, and each feature mask is exact. Every ResNet downsampling (7x7/2, 3x3/2
+and 1x1/2 convs, the 3x3/2 max-pool) maps a side of n pixels to ceil(n / 2), so
+the valid size at every resolution is known on the device from the input's
+(no host read). An earlier version ran the CNN once per distinct image size
+instead: 13-18 trunk calls per batch under multi-scale training with crops.
 """
 
 from __future__ import annotations
@@ -50,50 +55,63 @@ def nested_tensor_from_images(images: Sequence[Tensor]) -> NestedTensor:
     return NestedTensor(tensors, mask)
 
 
-def image_sizes(mask: Tensor) -> list[tuple[int, int]]:
-    """(h, w) of each image's valid region, for images placed at the top-left as above."""
-    heights = (~mask[:, :, 0]).sum(1).tolist()
-    widths = (~mask[:, 0, :]).sum(1).tolist()
-    return list(zip(heights, widths, strict=True))
+def _valid_sides(mask: Tensor) -> Tensor:
+    """(B, 2): height and width of each image's valid region (top-left placed), on the mask's device."""
+    return torch.stack([(~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)], dim=1)
+
+
+def _downsampled(valid: Tensor, padded: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """Valid sides (B, 2) of a ``padded``-sized input, at a map of ``size`` the ResNet made from it.
+
+    Each stride-2 step maps n to ceil(n / 2); the number of steps is the smallest k with
+    ceil(padded / 2^k) == size (ambiguous only at size 1, where every valid side is 1 too).
+    """
+    sides = []
+    for axis in range(2):
+        steps = next(k for k in range(32) if -(-padded[axis] // 2**k) == size[axis])
+        sides.append(torch.div(valid[:, axis] + 2**steps - 1, 2**steps, rounding_mode="floor"))
+    return torch.stack(sides, dim=1)
+
+
+def _padding_mask(valid: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, h, w) True outside each image's ``valid`` (B, 2) top-left region."""
+    rows = torch.arange(size[0], device=valid.device)[None, :] >= valid[:, :1]
+    cols = torch.arange(size[1], device=valid.device)[None, :] >= valid[:, 1:]
+    return rows[:, :, None] | cols[:, None, :]
 
 
 class Backbone(nn.Module):
-    """ResNet trunk returning the requested stages, each as a padded feature map with its mask."""
+    """ResNet trunk returning the requested stages, each as a padded feature map with its exact mask."""
 
     def __init__(self, body: IntermediateLayerGetter, num_channels: list[int]):
         super().__init__()
         self.body = body
         self.num_channels = num_channels
+        # the current batch's valid sides and padded size, for the hooks (set only during forward)
+        self._valid: tuple[Tensor, tuple[int, int]] | None = None
+        for module in body.modules():
+            if isinstance(module, FrozenBatchNorm2d | nn.MaxPool2d):
+                module.register_forward_hook(self._zero_padding)
+
+    def _zero_padding(self, module: nn.Module, inputs: tuple[Tensor], output: Tensor) -> Tensor | None:
+        if self._valid is None:
+            return None
+        valid, padded = self._valid
+        size = (output.shape[-2], output.shape[-1])
+        return output.masked_fill(_padding_mask(_downsampled(valid, padded, size), size)[:, None], 0)
 
     def forward(self, samples: NestedTensor) -> list[NestedTensor]:
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, size in enumerate(image_sizes(samples.mask)):
-            groups.setdefault(size, []).append(index)
-        batch = samples.tensors.shape[0]
-        if len(groups) == 1:
-            ((height, width),) = groups
-            features = self.body(samples.tensors[:, :, :height, :width]).values()
-            return [NestedTensor(f, f.new_zeros((batch, *f.shape[-2:]), dtype=torch.bool)) for f in features]
-
-        device = samples.tensors.device
-        per_group = [
-            (
-                torch.tensor(indices, device=device),
-                list(self.body(samples.tensors[indices, :, :h, :w]).values()),
-            )
-            for (h, w), indices in groups.items()
-        ]
+        padded = (samples.tensors.shape[-2], samples.tensors.shape[-1])
+        valid = _valid_sides(samples.mask)
+        self._valid = (valid, padded)
+        try:
+            features = list(self.body(samples.tensors).values())
+        finally:
+            self._valid = None
         outputs = []
-        for level in range(len(self.num_channels)):
-            maps = [(indices, features[level]) for indices, features in per_group]
-            height = max(f.shape[-2] for _, f in maps)
-            width = max(f.shape[-1] for _, f in maps)
-            padded = maps[0][1].new_zeros((batch, maps[0][1].shape[1], height, width))
-            mask = torch.ones((batch, height, width), dtype=torch.bool, device=device)
-            for indices, f in maps:
-                padded[indices, :, : f.shape[-2], : f.shape[-1]] = f
-                mask[indices, : f.shape[-2], : f.shape[-1]] = False
-            outputs.append(NestedTensor(padded, mask))
+        for f in features:
+            size = (f.shape[-2], f.shape[-1])
+            outputs.append(NestedTensor(f, _padding_mask(_downsampled(valid, padded, size), size)))
         return outputs
 
 

@@ -8,7 +8,10 @@ Box losses are normalised by the number of target boxes in the whole
 (distributed) batch, so each box counts the same whatever the batch split.
 With auxiliary outputs, the same losses are applied to every decoder layer,
 each with its own matching, under keys suffixed ``_0``, ``_1``...
-Follows facebookresearch/detr's ``SetCriterion``.
+Follows facebookresearch/detr's ``SetCriterion``, without its host syncs: all
+layers are matched with one device-to-host copy (``HungarianMatcher.match_sets``)
+and the box count stays a tensor on the device (DETR reads it back with
+``.item()`` every step).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 from vitkit.models.detr.matcher import HungarianMatcher, Match
 
-LossFn = Callable[[dict, list[dict], list[Match], float], dict[str, Tensor]]
+LossFn = Callable[[dict, list[dict], list[Match], Tensor], dict[str, Tensor]]
 
 
 class SetCriterion(nn.Module):
@@ -56,7 +59,9 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def loss_labels(self, outputs: dict, targets: list[dict], indices: list[Match], num_boxes: float) -> dict:
+    def loss_labels(
+        self, outputs: dict, targets: list[dict], indices: list[Match], num_boxes: Tensor
+    ) -> dict:
         """Cross-entropy over all queries (unmatched ones target "no object"), plus the top-1 error
         (%) on matched queries for logging."""
         logits = outputs["pred_logits"]
@@ -75,7 +80,7 @@ class SetCriterion(nn.Module):
 
     @torch.no_grad()
     def loss_cardinality(
-        self, outputs: dict, targets: list[dict], indices: list[Match], num_boxes: float
+        self, outputs: dict, targets: list[dict], indices: list[Match], num_boxes: Tensor
     ) -> dict:
         """|number of queries not predicting "no object" - number of targets|, averaged over images.
         For logging only: it has no gradient."""
@@ -84,7 +89,7 @@ class SetCriterion(nn.Module):
         predicted_counts = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(predicted_counts.float(), target_counts.float())}
 
-    def loss_boxes(self, outputs: dict, targets: list[dict], indices: list[Match], num_boxes: float) -> dict:
+    def loss_boxes(self, outputs: dict, targets: list[dict], indices: list[Match], num_boxes: Tensor) -> dict:
         """L1 and 1 - GIoU between matched (cx, cy, w, h) boxes, summed and divided by ``num_boxes``."""
         idx = _prediction_index(indices)
         src_boxes = _at_least_float32(outputs["pred_boxes"][idx])
@@ -100,13 +105,13 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """``outputs`` from the model; ``targets`` per image: ``labels`` (M,), ``boxes`` (M, 4)
         normalised cxcywh. Returns every loss and logging term, unweighted."""
-        indices = self.matcher(outputs, targets)
+        aux_outputs = outputs.get("aux_outputs", [])
+        indices, *aux_matches = self.matcher.match_sets([(o, targets) for o in (outputs, *aux_outputs)])
         num_boxes = self.num_target_boxes(targets, device=outputs["pred_logits"].device)
         losses: dict[str, Tensor] = {}
         for name in self.losses:
             losses.update(self.loss_fns[name](outputs, targets, indices, num_boxes))
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            aux_indices = self.matcher(aux, targets)
+        for i, (aux, aux_indices) in enumerate(zip(aux_outputs, aux_matches, strict=True)):
             for name in self.losses:
                 aux_losses = self.loss_fns[name](aux, targets, aux_indices, num_boxes)
                 losses.update({f"{k}_{i}": v for k, v in aux_losses.items() if k != "class_error"})
@@ -117,14 +122,15 @@ class SetCriterion(nn.Module):
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
 
     @staticmethod
-    def num_target_boxes(targets: list[dict], device: torch.device) -> float:
+    def num_target_boxes(targets: list[dict], device: torch.device) -> Tensor:
         """Target boxes per process, averaged over DDP processes and at least 1 (an image with no
-        objects still contributes its "no object" classification loss)."""
-        num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        objects still contributes its "no object" classification loss). A 0-d tensor on ``device``:
+        reading it back would stall the GPU every step."""
+        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(num_boxes)
             num_boxes /= dist.get_world_size()
-        return num_boxes.clamp(min=1).item()
+        return num_boxes.clamp(min=1)
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
