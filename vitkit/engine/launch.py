@@ -14,12 +14,19 @@ comes from the environment, which DVC does not track:
 
 A process torchrun (or a scheduler) already started, which sees ``WORLD_SIZE``, runs the stage
 itself and never launches again.
+
+torchrun starts each worker in a session of its own, so a signal to the launcher's process group
+does not reach them, and a launcher killed with SIGKILL cannot stop them: each worker asks the
+kernel to end it when its parent dies (``die_with_parent``), so no worker outlives its launcher.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 
@@ -27,6 +34,7 @@ from vitkit.errors import ConfigError
 
 DEFAULT_RDZV_TIMEOUT_S = 40
 DEFAULT_RDZV_PORT = 29400  # torchrun's
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,26 @@ def node_layout(world_size: int, job: str) -> NodeLayout:
 
 def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies; False where it cannot (not Linux).
+
+    For a process whose parent owns it (a torchrun worker, a stage DVC runs): were the parent
+    killed with SIGKILL, it could not stop this one, which would train on unseen, holding its
+    locks and files. The request survives nothing but this process; a parent already gone by
+    the time it is made is caught by the parent id changing.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+    if os.getppid() != parent:  # the parent died in between: the kernel will not tell us any more
+        os.kill(os.getpid(), sig)
+    return True
 
 
 def relaunch_if_needed(module: str, argv: list[str], world_size: int, job: str) -> int | None:
