@@ -3,18 +3,29 @@
 Shared by the single-machine flow (flows/pipeline.py) and the per-stage flow that work-pool
 workers run (flows/dispatch.py); kept apart from both so a worker does not import MLflow or the
 orchestrator's code just to run one stage.
+
+The flow owns what it starts. Each command runs in a process group (a session) of its own, with
+everything under it (the stage, torchrun's launcher; torchrun's workers, in their own sessions,
+die with their launcher); that group is ended (SIGTERM, then SIGKILL after
+``flows.lifeline.GRACE_S``) when the flow is stopped (SIGTERM, which Prefect raises as
+``TerminationSignal``, as when a run is cancelled from the UI; Ctrl-C; ``stop_all``), and by the
+flow's lifeline watcher if the flow process dies without a word (SIGKILL).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from logging import Logger, LoggerAdapter
 from pathlib import Path
 from typing import Any
+
+from flows import lifeline
 
 USER_ERROR_MARK = "error: ["
 
@@ -25,6 +36,45 @@ class StageInputError(RuntimeError):
 
 class StageFailed(RuntimeError):
     """A stage failed for another reason (killed, out of memory, a lock...): worth a retry."""
+
+
+class FlowStopped(RuntimeError):
+    """The flow is being stopped (cancelled, terminated, interrupted): no stage may start or retry."""
+
+
+_running: dict[int, subprocess.Popen[str]] = {}  # pid (= process group id) -> command, while it runs
+_running_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def end_group(process: subprocess.Popen[str], sig: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``sig`` to the process group ``process`` leads; SIGKILL what is left after the grace time."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=lifeline.GRACE_S)
+    with contextlib.suppress(ProcessLookupError):  # the leader may be gone and a member still there
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def stop_all(sig: signal.Signals = signal.SIGTERM) -> list[int]:
+    """End every command still running, and refuse new ones until ``allow_starts``; the groups ended."""
+    _stopping.set()
+    with _running_lock:
+        running = list(_running.values())
+    threads = [threading.Thread(target=end_group, args=(process, sig)) for process in running]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [process.pid for process in running]
+
+
+def allow_starts() -> None:
+    """Commands may start again: the flow that stopped them has ended (another may run in this process)."""
+    _stopping.clear()
 
 
 @dataclass
@@ -58,6 +108,8 @@ def run_dvc(
     Aborting lets a caller forbid one outcome, e.g. DVC deciding to run a stage that should only
     be restored; DVC's locks record their owner's pid and are freed when it is gone.
     """
+    if _stopping.is_set():
+        raise FlowStopped(f"the flow is stopping: not starting {' '.join(cmd)}")
     logger.info("$ %s", " ".join(cmd))
     process = subprocess.Popen(
         cmd,
@@ -67,22 +119,35 @@ def run_dvc(
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
-        start_new_session=abort_on is not None,
+        start_new_session=True,  # its own process group: ended as one, and no Ctrl-C meant for the flow
     )
+    with _running_lock:
+        _running[process.pid] = process
+    lifeline.tie(process.pid, group=True)
     output = DvcOutput(code=0)
     assert process.stdout is not None
-    for raw in process.stdout:
-        line = raw.rstrip()
-        if not line:
-            continue
-        logger.info(line)
-        output.lines.append(line)
-        output.times.append(time.monotonic())
-        if abort_on is not None and abort_on in line:
-            output.aborted_on = line
-            os.killpg(process.pid, signal.SIGTERM)
-            break
-    output.code = process.wait()
+    try:
+        for raw in process.stdout:
+            line = raw.rstrip()
+            if not line:
+                continue
+            logger.info(line)
+            output.lines.append(line)
+            output.times.append(time.monotonic())
+            if abort_on is not None and abort_on in line:
+                output.aborted_on = line
+                end_group(process)
+                break
+        output.code = process.wait()
+    except BaseException:  # stopped while it ran (TerminationSignal, KeyboardInterrupt): it goes too
+        end_group(process)
+        raise
+    finally:
+        with _running_lock:
+            _running.pop(process.pid, None)
+        lifeline.untie(process.pid)
+    if _stopping.is_set():
+        raise FlowStopped(f"the flow was stopped while {' '.join(cmd)} ran (exit code {output.code})")
     return output
 
 
@@ -92,7 +157,7 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
 
     try:
         state.result()
-    except (StageInputError, VitkitError):
+    except (StageInputError, FlowStopped, VitkitError):
         return False
     except Exception:
         return True

@@ -94,9 +94,10 @@ def stage_main(
 ) -> int:
     """Parse args, validate params, set up device/DDP/MLflow and run the stage. Returns the exit code.
 
-    ``variants``: a stage DVC runs once per item (``foreach``) takes the item as a positional
-    argument, gets it as ``ctx.variant`` and is tracked in MLflow under DVC's name for it,
-    ``<name>@<variant>``.
+    ``distributed``: a training stage, which may run under torchrun and whose checkpoint is marked
+    finished once it has published. ``variants``: a stage DVC runs once per item (``foreach``)
+    takes the item as a positional argument, gets it as ``ctx.variant`` and is tracked in MLflow
+    under DVC's name for it, ``<name>@<variant>``.
     """
     parser = argparse.ArgumentParser(
         prog=f"python -m stages.{name}",
@@ -143,7 +144,7 @@ def stage_main(
                     stage_run.log_metrics({"stage_time_s": time.perf_counter() - started})
         finally:
             shutdown_distributed()
-        if dist.writes_files:  # everything is written and logged: no later run resumes this training
+        if distributed and dist.writes_files:  # all written and logged: no later run resumes this training
             mark_finished(repo_root / stage_paths(name, variant).checkpoints)
     except VitkitError as exc:
         print(f"error: [{label}] {exc}", file=sys.stderr, flush=True)
