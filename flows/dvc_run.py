@@ -15,6 +15,7 @@ flow's lifeline watcher if the flow process dies without a word (SIGKILL).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from logging import Logger, LoggerAdapter
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from flows import lifeline
 
@@ -149,6 +152,55 @@ def run_dvc(
     if _stopping.is_set():
         raise FlowStopped(f"the flow was stopped while {' '.join(cmd)} ran (exit code {output.code})")
     return output
+
+
+def _started_after(pid: int, moment: float) -> bool:
+    try:
+        return psutil.Process(pid).create_time() > moment
+    except psutil.Error:
+        return False  # gone: DVC removes it itself, naming it
+
+
+def clear_reused_pid_locks(repo_root: str | Path) -> list[str]:
+    """Drop DVC lock entries whose PID now belongs to a process started after they were written.
+
+    DVC records each lock holder's PID in ``.dvc/tmp/rwlock`` and removes the entries of dead
+    PIDs itself, with a warning naming them. A PID the system has since given to another process
+    (in a container after a restart, PIDs are small and soon reused) would keep the outputs "busy"
+    for good. A holder wrote its entry after it started and no later than the file's last write,
+    so a process started after that write cannot be the holder. Returns what was cleared, in words.
+    """
+    from dvc.fs import localfs
+    from dvc.repo import Repo
+    from dvc.rwlock import RWLOCK_FILE, _edit_rwlock
+
+    tmp_dir = Path(repo_root) / ".dvc" / "tmp"
+    path = tmp_dir / RWLOCK_FILE
+    try:
+        written = path.stat().st_mtime
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []  # no lock file, or one DVC itself will report
+    holders = [i for infos in entries.get("read", {}).values() for i in infos] + list(
+        entries.get("write", {}).values()
+    )
+    if not any(_started_after(int(info["pid"]), written) for info in holders):
+        return []  # the usual case: the file is not even rewritten
+    with Repo(str(repo_root)) as repo:
+        hardlink = bool(repo.config["core"].get("hardlink_lock", False))
+    cleared: list[str] = []
+    with _edit_rwlock(str(tmp_dir), localfs, hardlink) as lock:
+        for out, info in list(lock["write"].items()):
+            if _started_after(int(info["pid"]), written):
+                cleared.append(f"{out} (written by PID {info['pid']}, {info['cmd']})")
+                del lock["write"][out]
+        for out, infos in list(lock["read"].items()):
+            stale = [i for i in infos if _started_after(int(i["pid"]), written)]
+            cleared += [f"{out} (read by PID {i['pid']}, {i['cmd']})" for i in stale]
+            lock["read"][out] = [i for i in infos if i not in stale]
+            if not lock["read"][out]:
+                del lock["read"][out]
+    return cleared
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:

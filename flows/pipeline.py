@@ -48,7 +48,14 @@ from flows.dispatch import (
     dispatch_stage,
     plan_dispatch,
 )
-from flows.dvc_run import allow_starts, is_transient, raise_for_stage, run_dvc, stop_all
+from flows.dvc_run import (
+    allow_starts,
+    clear_reused_pid_locks,
+    is_transient,
+    raise_for_stage,
+    run_dvc,
+    stop_all,
+)
 from vitkit import tracking
 from vitkit.config import flatten, load_params
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
@@ -97,9 +104,10 @@ def read_resource_classes(repo_root: Path) -> dict[str, str]:
 @task(retries=1, retry_delay_seconds=5, retry_condition_fn=is_transient, task_run_name="{stage}")
 def run_stage(stage: str, repo_root: str, env: dict[str, str]) -> dict[str, str]:
     """``dvc repro --single-item <stage>``, streaming its output into this task's log."""
-    output = run_dvc(
-        ["dvc", "--wait-for-lock", "repro", "--single-item", stage], repo_root, get_run_logger(), env
-    )
+    logger = get_run_logger()
+    for entry in clear_reused_pid_locks(repo_root):
+        logger.warning("cleared a stale DVC lock on %s: that PID is now another process", entry)
+    output = run_dvc(["dvc", "--wait-for-lock", "repro", "--single-item", stage], repo_root, logger, env)
     raise_for_stage(stage, output)
     skipped = output.has("didn't change, skipping")
     return {"stage": stage, "status": "skipped (up to date)" if skipped else "ran"}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -95,3 +97,28 @@ def test_stop_all_ends_the_running_command_with_its_group_and_refuses_new_ones(t
         dvc_run.stop_all()
         dvc_run.allow_starts()
     assert dvc_run.run_dvc(["true"], tmp_path, logger).code == 0  # the next flow in this process may start
+
+
+def test_a_dvc_lock_held_by_a_pid_now_reused_by_another_process_is_cleared(tmp_path):
+    """DVC clears dead holders itself; a holder's PID given to a newer process is cleared by the flow."""
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    rwlock = tmp_path / ".dvc/tmp/rwlock"
+    rwlock.parent.mkdir(parents=True, exist_ok=True)
+    newer = subprocess.Popen(["sleep", "60"])  # stands for the process that got the dead holder's PID
+    try:
+        me = {"pid": os.getpid(), "cmd": "dvc repro prepare"}  # a live holder, started before the file
+        reused = {"pid": newer.pid, "cmd": "dvc repro train_teacher"}
+        locks = {"write": {"artifacts/teacher": reused}, "read": {"data": [me, reused]}}
+        rwlock.write_text(json.dumps(locks))
+        written = psutil.Process(newer.pid).create_time() - 5
+        os.utime(rwlock, (written, written))
+        cleared = dvc_run.clear_reused_pid_locks(tmp_path)
+        assert cleared == [
+            f"artifacts/teacher (written by PID {newer.pid}, dvc repro train_teacher)",
+            f"data (read by PID {newer.pid}, dvc repro train_teacher)",
+        ]
+        assert json.loads(rwlock.read_text()) == {"read": {"data": [me]}, "write": {}}
+        assert dvc_run.clear_reused_pid_locks(tmp_path) == []  # the live holder stays
+    finally:
+        newer.kill()
+        newer.wait()
