@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -38,6 +39,7 @@ def _send(line: str) -> None:
             read_end, _writer = os.pipe()  # both not inheritable: no other child holds the pipe open
             subprocess.Popen(
                 [sys.executable, "-m", "flows.lifeline", str(os.getpid()), str(read_end)],
+                cwd=Path(__file__).resolve().parent.parent,  # where ``flows`` imports from, whatever our cwd
                 pass_fds=(read_end,),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
