@@ -32,7 +32,7 @@ from vitkit.config import Params, flatten, load_params
 from vitkit.engine.checkpoint import mark_finished, seed_everything
 from vitkit.engine.device import select_device, set_threads
 from vitkit.engine.distributed import DistInfo, dist_info_from_env, init_distributed, shutdown_distributed
-from vitkit.engine.launch import die_with_parent, launched_by_torchrun, relaunch_if_needed
+from vitkit.engine.launch import die_with_parent, launched_by_torchrun, launcher_pid, relaunch_if_needed
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
 
 
@@ -114,7 +114,8 @@ def stage_main(
     repo_root = Path.cwd()
     started = time.perf_counter()
     if launched_by_torchrun() or os.environ.get("DVC_STAGE"):
-        die_with_parent()  # an orphaned stage would train on unseen and publish what nobody records
+        # an orphaned stage would train on unseen and publish what nobody records
+        die_with_parent(launcher_pid() if launched_by_torchrun() else None)
     try:
         params = load_params(args.params)
         if not launched_by_torchrun() or dist_info_from_env().is_main:
