@@ -10,6 +10,11 @@ transient reason is retried, one that fails on bad input (exit code 2 from the
 stage, "error: [...]" in its log) is not. Each stage's output streams into its
 task log, and the stage MLflow runs nest under one parent run for the flow.
 
+The flow owns its process tree: a flow stopped by SIGTERM (a cancel from the Prefect UI
+ends a served run that way), Ctrl-C or an error ends the stages still running before it
+returns, and a flow killed outright is cleaned up after by its lifeline watcher, which ends
+the running stage's process group and Prefect's temporary server (flows/lifeline.py).
+
     python -m flows.pipeline              # run with Prefect's temporary server
     python -m flows.pipeline --serve      # serve a deployment for the Prefect UI
     python -m flows.pipeline --deploy P   # deploy to work pool P: its workers run the flow
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from graphlib import TopologicalSorter
 from pathlib import Path
@@ -33,6 +39,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import lifeline
 from flows.dispatch import (
     DEFAULT_POOLS,
     RESOURCE_CLASSES,
@@ -41,7 +48,14 @@ from flows.dispatch import (
     dispatch_stage,
     plan_dispatch,
 )
-from flows.dvc_run import is_transient, raise_for_stage, run_dvc
+from flows.dvc_run import (
+    allow_starts,
+    clear_reused_pid_locks,
+    is_transient,
+    raise_for_stage,
+    run_dvc,
+    stop_all,
+)
 from vitkit import tracking
 from vitkit.config import flatten, load_params
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
@@ -115,15 +129,30 @@ def stages_to_run(repo_root: Path, order: list[str], dag: dict[str, list[str]]) 
 def run_stage(stage: str, repo_root: str, env: dict[str, str], up_to_date: bool = False) -> dict[str, str]:
     """``dvc repro --single-item <stage>``, streaming its output into this task's log; nothing to
     run when ``dvc status`` found the stage and its upstream up to date at the start of the flow."""
+    logger = get_run_logger()
     if up_to_date:
-        get_run_logger().info("Stage '%s' is up to date (dvc status): not run", stage)
+        logger.info("Stage '%s' is up to date (dvc status): not run", stage)
         return {"stage": stage, "status": "skipped (up to date)"}
-    output = run_dvc(
-        ["dvc", "--wait-for-lock", "repro", "--single-item", stage], repo_root, get_run_logger(), env
-    )
+    for entry in clear_reused_pid_locks(repo_root):
+        logger.warning("cleared a stale DVC lock on %s: that PID is now another process", entry)
+    output = run_dvc(["dvc", "--wait-for-lock", "repro", "--single-item", stage], repo_root, logger, env)
     raise_for_stage(stage, output)
     skipped = output.has("didn't change, skipping")
     return {"stage": stage, "status": "skipped (up to date)" if skipped else "ran"}
+
+
+def _tie_temporary_server() -> None:
+    """Have the lifeline end Prefect's temporary server, should this process die without stopping it.
+
+    Prefect stops the server it started for a flow run at the interpreter's exit, which a SIGKILL
+    skips; the server would then outlive the flow for good.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        process = server.server_process
+        if process is not None and process.poll() is None:
+            lifeline.tie(process.pid)
 
 
 def _metric_rows(repo_root: Path) -> list[dict[str, Any]]:
@@ -157,6 +186,7 @@ def pipeline(
     flows/dispatch.py.
     """
     logger = get_run_logger()
+    _tie_temporary_server()
     root = Path(repo_root) if repo_root else REPO_ROOT
     params = load_params(root / "params.yaml")  # fail before anything runs, as every stage would
     dag = read_dag(root)
@@ -179,22 +209,49 @@ def pipeline(
             env = {}  # a worker's stage runs cannot nest under a run in this checkout's own store
         elif plan:
             env["MLFLOW_TRACKING_URI"] = tracking_uri
-        with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
-            futures: dict[str, Any] = {}
-            for stage in order:
-                upstream = [futures[u] for u in dag[stage] if u in futures]
-                job = {"stage": stage, "repo_root": str(root), "env": env}
-                if plan:
-                    job |= {"resource": resources[stage], "plan": plan, "pickup_timeout_s": pickup_timeout_s}
-                else:
-                    job["up_to_date"] = stage not in to_run
-                futures[stage] = runner.submit(dispatch_stage if plan else run_stage, job, wait_for=upstream)
-            results = [futures[s].result() for s in order]
+        jobs = {stage: {"stage": stage, "repo_root": str(root), "env": env} for stage in order}
+        for stage, job in jobs.items():
+            if plan:
+                job |= {"resource": resources[stage], "plan": plan, "pickup_timeout_s": pickup_timeout_s}
+            else:
+                job["up_to_date"] = stage not in to_run
+        results = _run_all(order, dag, jobs, dispatch_stage if plan else run_stage, max_parallel)
     create_table_artifact(table=results, key="vitkit-stages", description="What each stage did in this run")
     rows = _metric_rows(root)
     if rows:
         create_table_artifact(table=rows, key="vitkit-metrics", description="Final metrics (metrics/*.json)")
     return results
+
+
+def _run_all(
+    order: list[str], dag: dict[str, list[str]], jobs: dict[str, dict], stage_task: Any, max_parallel: int
+) -> list[dict]:
+    """Run each stage's task after those it depends on; the flow stopped, no stage outlives it.
+
+    On SIGTERM (which Prefect raises here as ``TerminationSignal``: a cancelled served run, a
+    worker stopping a run) or Ctrl-C, the stages still running are ended with their process
+    groups before the exception goes on, so the flow neither waits for a training to finish nor
+    leaves one behind.
+    """
+    try:
+        with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+            futures: dict[str, Any] = {}
+            for stage in order:
+                upstream = [futures[u] for u in dag[stage] if u in futures]
+                futures[stage] = runner.submit(stage_task, jobs[stage], wait_for=upstream)
+            try:
+                return [futures[s].result() for s in order]
+            except Exception:
+                raise  # a stage failed: any running beside it finishes its work
+            except BaseException as exc:  # terminated, cancelled, interrupted
+                ended = stop_all(signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM)
+                if ended:
+                    get_run_logger().warning(
+                        "flow stopped (%r): ended the stage process groups %s", exc, ended
+                    )
+                raise
+    finally:
+        allow_starts()  # the runner has waited for its tasks: none is left to start
 
 
 def _with_upstream(dag: dict[str, list[str]], targets: list[str]) -> list[str]:

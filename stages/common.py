@@ -5,8 +5,13 @@ stage: it validates the whole params file, checks the MLflow store is
 reachable (creating it and the experiment once per machine, before any rank
 starts), relaunches itself under torchrun when several processes are asked for
 (on this machine or as one node of several: ``vitkit.engine.launch``), opens the
-stage's MLflow run on rank 0 and turns any ``VitkitError`` into one line on
-stderr and exit code 2 (the code the Prefect flow does not retry).
+stage's MLflow run on rank 0 and turns any ``VitkitError`` (or an output it may not
+write) into one line on stderr and exit code 2 (the code the Prefect flow does not retry).
+
+A stage's checkpoint is marked finished only once every output is written and its MLflow
+run has ended: a stage that dies after its last epoch (killed while logging, an output
+folder it may not write, an MLflow server gone) resumes at the end of training when run
+again and only publishes, in seconds. A stage DVC or torchrun started dies with its parent.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import torch
 from stages.paths import StagePaths, stage_paths
 from vitkit import tracking
 from vitkit.config import Params, flatten, load_params
-from vitkit.engine.checkpoint import seed_everything
+from vitkit.engine.checkpoint import mark_finished, seed_everything
 from vitkit.engine.device import select_device, set_threads
 from vitkit.engine.distributed import DistInfo, dist_info_from_env, init_distributed, shutdown_distributed
-from vitkit.engine.launch import launched_by_torchrun, relaunch_if_needed
+from vitkit.engine.launch import die_with_parent, launched_by_torchrun, launcher_pid, relaunch_if_needed
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
 
 
@@ -89,9 +94,10 @@ def stage_main(
 ) -> int:
     """Parse args, validate params, set up device/DDP/MLflow and run the stage. Returns the exit code.
 
-    ``variants``: a stage DVC runs once per item (``foreach``) takes the item as a positional
-    argument, gets it as ``ctx.variant`` and is tracked in MLflow under DVC's name for it,
-    ``<name>@<variant>``.
+    ``distributed``: a training stage, which may run under torchrun and whose checkpoint is marked
+    finished once it has published. ``variants``: a stage DVC runs once per item (``foreach``)
+    takes the item as a positional argument, gets it as ``ctx.variant`` and is tracked in MLflow
+    under DVC's name for it, ``<name>@<variant>``.
     """
     parser = argparse.ArgumentParser(
         prog=f"python -m stages.{name}",
@@ -107,6 +113,9 @@ def stage_main(
     argv = sys.argv[1:] if argv is None else argv
     repo_root = Path.cwd()
     started = time.perf_counter()
+    if launched_by_torchrun() or os.environ.get("DVC_STAGE"):
+        # an orphaned stage would train on unseen and publish what nobody records
+        die_with_parent(launcher_pid() if launched_by_torchrun() else None)
     try:
         params = load_params(args.params)
         if not launched_by_torchrun() or dist_info_from_env().is_main:
@@ -136,8 +145,20 @@ def stage_main(
                     stage_run.log_metrics({"stage_time_s": time.perf_counter() - started})
         finally:
             shutdown_distributed()
+        if distributed and dist.writes_files:  # all written and logged: no later run resumes this training
+            mark_finished(repo_root / stage_paths(name, variant).checkpoints)
     except VitkitError as exc:
         print(f"error: [{label}] {exc}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT_CODE
+    except PermissionError as exc:  # an output (or its folder) this user may not write
+        where = exc.filename or "a file"
+        print(
+            f"error: [{label}] may not write {where} ({exc.strerror}); give this user write access to "
+            "it and its folder, then run the stage again (a finished training is kept in its "
+            "checkpoint and only published again)",
+            file=sys.stderr,
+            flush=True,
+        )
         return USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         print(f"[{label}] interrupted; rerun the stage to resume from its last checkpoint", file=sys.stderr)

@@ -1,6 +1,6 @@
 """A tiny training job run in a subprocess by the engine tests (resume after kill -9, NaN guard).
 
-usage: python tests/engine_job.py CHECKPOINT_DIR RESULT_JSON [--sleep S] [--nan-at STEP]
+usage: python tests/engine_job.py CHECKPOINT_DIR RESULT_JSON [--sleep S] [--nan-at STEP] [--fail-publishing]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from vitkit.engine.checkpoint import mark_finished
 from vitkit.engine.distributed import DistInfo
 from vitkit.engine.task import TrainingTask
 from vitkit.engine.trainer import Trainer, TrainerConfig
@@ -26,6 +27,9 @@ def main() -> int:
     parser.add_argument("result")
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--nan-at", type=int, default=-1)
+    parser.add_argument(
+        "--fail-publishing", action="store_true", help="die after training, before the output"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -78,9 +82,12 @@ def main() -> int:
     except TrainingError as exc:
         print(f"error: {exc}", flush=True)
         return 2
+    if args.fail_publishing:
+        raise SystemExit(3)  # as a kill while the outputs are written: the checkpoint stays unfinished
     weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     with open(args.result, "w") as fh:
         json.dump({"history": history, "weights": weights.tolist(), "steps_run": calls["n"]}, fh)
+    mark_finished(args.checkpoint_dir)  # its outputs are written: never resumed again
     return 0
 
 

@@ -27,7 +27,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary file path that replaces ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except PermissionError as exc:  # named after the folder the user must fix, not a random temporary name
+        raise PermissionError(exc.errno, exc.strerror, str(path.parent)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

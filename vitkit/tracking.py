@@ -12,6 +12,12 @@
 - Per-epoch metrics go in one ``log_batch`` call per epoch, not one call per number.
 - A tracking server that cannot be reached is reported before any work starts, in seconds (MLflow
   itself retries for minutes).
+- A server that stops answering mid-training costs one bounded wait (``HTTP_BOUNDS``: three tries
+  of at most 10 s each and 3 s of backoff, ``REQUEST_BOUND_S``), said in one line; training goes
+  on, the epochs it missed are logged once it answers again (tried at most every
+  ``RETRY_EVERY_S``). Publishing needs it: if it still does not answer then, the stage stops with
+  one ``TrackingError`` line, and its training, kept in the unfinished checkpoint, is only
+  published when the stage runs again.
 - A run whose process died (SIGKILL, power loss) stays RUNNING in MLflow; runs are tagged with their
   host and process, and the next start of the same stage on that host marks such runs KILLED.
   Ctrl-C ends a run KILLED, any other exception FAILED.
@@ -27,7 +33,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,19 @@ from vitkit.errors import TrackingError
 PARENT_RUN_ENV = "VITKIT_MLFLOW_PARENT_RUN_ID"
 TELEMETRY_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
-for _key, _value in TELEMETRY_ENV.items():
+# MLflow's own defaults (7 retries with exponential backoff, 120 s per request) make a server that
+# stopped answering cost 4 to 16 minutes of silence per request. One request gets at most
+# 3 tries x 10 s plus 0 + 2..3 s of backoff: REQUEST_BOUND_S. Set these variables to choose otherwise.
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+}
+REQUEST_BOUND_S = 33
+RETRY_EVERY_S = 30.0  # while the server does not answer, how often an epoch's values try again
+
+for _key, _value in {**TELEMETRY_ENV, **HTTP_BOUNDS}.items():
     os.environ.setdefault(_key, _value)
 
 import mlflow  # noqa: E402  (telemetry must be off before mlflow is imported)
@@ -210,30 +228,117 @@ def git_commit(repo_root: Path) -> str:
         return "unknown"
 
 
-class StageRun:
-    """Thin handle over the active MLflow run of one stage."""
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
-    def __init__(self, run_id: str) -> None:
+
+class StageRun:
+    """Thin handle over the active MLflow run of one stage.
+
+    With a tracking server, an epoch's values the server did not take are kept and sent with a
+    later epoch's, once it answers again; training never waits on the server for more than
+    ``REQUEST_BOUND_S``. Everything else (params, artifacts, the model, the final metrics) is
+    part of publishing: a server that does not take it is a ``TrackingError``.
+    """
+
+    MAX_BATCH = 1000  # metrics per log_batch call, MLflow's limit
+
+    def __init__(self, run_id: str, stage: str, uri: str) -> None:
         self.run_id = run_id
-        self.client = MlflowClient()
+        self.stage = stage
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        self.missed: list[Metric] = []  # epoch values the server has not taken yet
+        self.down_since: float | None = None  # when the server stopped answering, while it does not
+        self._last_try = 0.0
+
+    def _send(self, metrics: list[Metric]) -> None:
+        for start in range(0, len(metrics), self.MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[start : start + self.MAX_BATCH])
+
+    def _catch_up(self, new: list[Metric], final: bool) -> bool:
+        """Send what the server missed with ``new``: one quick try while it is down; whether it took them."""
+        self._last_try = time.monotonic()
+        try:
+            with _one_quick_try() if self.down_since is not None else contextlib.nullcontext():
+                self._send(self.missed + new)
+        except Exception as exc:
+            if not is_remote(self.uri) or final:
+                raise
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                print(
+                    f"[{self.stage}] MLflow server {self.uri} does not answer ({_reason(exc)}); training "
+                    "goes on and the values it misses are sent when it answers (tried every "
+                    f"{RETRY_EVERY_S:.0f} s)",
+                    flush=True,
+                )
+            self.missed += new
+            return False
+        if self.down_since is not None:
+            print(
+                f"[{self.stage}] MLflow server {self.uri} answers again after "
+                f"{time.monotonic() - self.down_since:.0f} s: sent the {len(self.missed)} values it missed",
+                flush=True,
+            )
+        self.missed, self.down_since = [], None
+        return True
+
+    def _publish(self, what: str, call: Callable[[], Any]) -> Any:
+        """A call publishing needs: a server that does not take it stops the stage with one line."""
+        try:
+            if self.down_since is not None:
+                self._catch_up([], final=True)
+            return call()
+        except Exception as exc:
+            if not is_remote(self.uri):
+                raise
+            self.down_since = self.down_since or time.monotonic()
+            raise TrackingError(
+                f"MLflow server {self.uri} did not take {what} ({_reason(exc)}); the finished training is "
+                "kept in the stage's checkpoint: run the stage again once the server answers, and it "
+                "only publishes (no epoch is trained again)"
+            ) from None
 
     def log_params(self, flat: Mapping[str, Any]) -> None:
         params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flat.items()]
         for start in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[start : start + 100])
+            batch = params[start : start + 100]
+            self._publish("the params", lambda batch=batch: self.client.log_batch(self.run_id, params=batch))
+
+    @staticmethod
+    def _metrics(values: Mapping[str, float], step: int | None) -> list[Metric]:
+        now = int(time.time() * 1000)
+        return [Metric(k, float(v), now, step or 0) for k, v in values.items() if v is not None]
 
     def log_metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
-        """All numbers of one step in a single call."""
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step or 0) for k, v in values.items() if v is not None]
+        """All numbers of one step in a single call (with any epoch values the server missed)."""
+        metrics = self._metrics(values, step)
         if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+            self._publish("the metrics", lambda: self._catch_up(metrics, final=True))
 
     def log_epoch(self, row: Mapping[str, float]) -> None:
-        self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        """One epoch's values; kept for later while the server does not answer, training goes on."""
+        metrics = self._metrics({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+        if self.down_since is not None and time.monotonic() - self._last_try < RETRY_EVERY_S:
+            self.missed += metrics
+            return
+        self._catch_up(metrics, final=False)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        self._publish(path.name, lambda: self.client.log_artifact(self.run_id, str(path), folder))
+
+    def end(self, status: str) -> None:
+        """End the run with ``status``: a ``TrackingError`` if the server does not take FINISHED.
+
+        Ending after a failure tries once, quickly, and lets it go: the run then stays RUNNING, and
+        the next start of the stage marks it KILLED.
+        """
+        if status == RunStatus.to_string(RunStatus.FINISHED):
+            self._publish("the end of the run", lambda: mlflow.end_run(status))
+            return
+        with _one_quick_try(), contextlib.suppress(Exception):
+            mlflow.end_run(status)
 
     def log_model(self, model: Any, name: str, input_example: Any) -> None:
         """The model as an MLflow model that ``mlflow.pytorch.load_model`` loads back and runs.
@@ -250,16 +355,19 @@ class StageRun:
         # MLflow warns about pickle on every call; the choice is deliberate (the weights file beside it
         # is the safe, weights_only copy), so keep the stage logs free of it.
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        mlflow.pytorch.log_model(
-            model,
-            name=name,
-            serialization_format="pickle",
-            input_example=input_example,
-            code_paths=[str(Path(vitkit.__file__).parent)],
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"torchvision=={torchvision.__version__.split('+')[0]}",
-            ],
+        self._publish(
+            f"the model {name}",
+            lambda: mlflow.pytorch.log_model(
+                model,
+                name=name,
+                serialization_format="pickle",
+                input_example=input_example,
+                code_paths=[str(Path(vitkit.__file__).parent)],
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"torchvision=={torchvision.__version__.split('+')[0]}",
+                ],
+            ),
         )
 
 
@@ -289,13 +397,19 @@ def stage_run(
     }
     parent = os.environ.get(PARENT_RUN_ENV) or None
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(
+    run = mlflow.start_run(
         experiment_id=experiment_id, run_name=stage, parent_run_id=parent, nested=nested, tags=tags
-    ) as run:
-        handle = StageRun(run.info.run_id)
+    )
+    handle = StageRun(run.info.run_id, stage, uri)
+    status = RunStatus.FINISHED
+    try:
         handle.log_params(params)
-        try:
-            yield handle
-        except KeyboardInterrupt:
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-            raise
+        yield handle
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    except BaseException:
+        status = RunStatus.FAILED
+        raise
+    finally:
+        handle.end(RunStatus.to_string(status))

@@ -82,6 +82,23 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert again.returncode == 0 and "resuming" not in again.stdout
 
 
+def test_a_job_dying_after_its_last_epoch_writes_its_outputs_again_without_training(tmp_path):
+    """The checkpoint is finished only once the outputs are written: until then a rerun only publishes."""
+    died = run_job(tmp_path, "late", "--fail-publishing")
+    assert died.returncode == 3 and not (tmp_path / "late.json").exists()
+    state = load_checkpoint(tmp_path / "ckpt-late")
+    assert state["epoch"] == 4 and not state["finished"]
+    rerun = run_job(tmp_path, "late")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "training already ended in" in rerun.stdout and "no epoch to train" in rerun.stdout
+    result = json.loads((tmp_path / "late.json").read_text())
+    assert result["steps_run"] == 0 and [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
+    reference = run_job(tmp_path, "reference")
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    assert result["weights"] == json.loads((tmp_path / "reference.json").read_text())["weights"]
+    assert load_checkpoint(tmp_path / "ckpt-late")["finished"]
+
+
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
     result = run_job(tmp_path, "nan", "--nan-at", "23")
     assert result.returncode == 2

@@ -3,6 +3,7 @@ the status a run ends with (also when its process was killed), model round trip.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -143,3 +144,55 @@ def test_logged_model_loads_back_and_predicts(repo):
         run.log_model(model, "net", example.numpy())
     loaded = mlflow.pytorch.load_model(f"runs:/{run.run_id}/net")
     assert torch.allclose(loaded(example), model(example))
+
+
+class FlakyClient:
+    """Stands in for MlflowClient against a server that is down while ``down`` is set."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.logged: list[tuple[str, int]] = []
+
+    def log_batch(self, run_id: str, metrics=(), params=()) -> None:
+        if self.down:
+            raise ConnectionError("Connection refused")
+        self.logged += [(m.key, m.step) for m in metrics]
+
+    def log_artifact(self, run_id: str, path: str, folder: str | None = None) -> None:
+        self.log_batch(run_id)
+
+
+def test_a_server_that_stops_answering_costs_one_bounded_wait_and_gets_the_missed_epochs_later(capsys):
+    handle = tracking.StageRun("run-id", "train_teacher", "http://127.0.0.1:5000")
+    handle.client = client = FlakyClient()
+    handle.log_epoch({"epoch": 1, "train_loss": 1.0})
+    client.down = True
+    handle.log_epoch({"epoch": 2, "train_loss": 0.9})  # one try, then training goes on
+    out = capsys.readouterr().out
+    assert "MLflow server http://127.0.0.1:5000 does not answer (Connection refused); training goes on" in out
+    handle.log_epoch({"epoch": 3, "train_loss": 0.8})  # within RETRY_EVERY_S: kept without a try
+    assert capsys.readouterr().out == "" and client.logged == [("train_loss", 1)]
+    client.down = False
+    handle._last_try -= tracking.RETRY_EVERY_S  # as if the next epoch ended RETRY_EVERY_S later
+    handle.log_epoch({"epoch": 4, "train_loss": 0.7})
+    assert client.logged == [("train_loss", step) for step in (1, 2, 3, 4)]
+    assert "answers again" in capsys.readouterr().out and handle.down_since is None
+
+    client.down = True  # down again when the training is over: publishing cannot be done without it
+    handle.log_epoch({"epoch": 5, "train_loss": 0.6})
+    with pytest.raises(TrackingError, match=r"did not take model.pt .*run the stage again once the server"):
+        handle.log_artifact(Path("model.pt"), "weights")
+    # the environment bounds MLflow's own retries: three tries of at most 10 s, 2-3 s of backoff
+    assert {k: os.environ[k] for k in tracking.HTTP_BOUNDS} == tracking.HTTP_BOUNDS
+
+
+def test_a_real_refused_connection_is_one_short_wait(repo):
+    """Against a port nobody listens on, MLflow's bounded retries give up in seconds, not minutes."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    handle = tracking.StageRun("run-id", "train_teacher", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    handle.log_epoch({"epoch": 1, "train_loss": 1.0})
+    assert time.monotonic() - start < tracking.REQUEST_BOUND_S
+    assert handle.down_since is not None and len(handle.missed) == 1

@@ -79,6 +79,20 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def mark_finished(directory: Path) -> bool:
+    """Mark the checkpoint in ``directory`` finished, never to be resumed; False when there is none.
+
+    Called once everything the training was for has been written (not when the last epoch
+    ends): until then, a run killed on the way resumes at the end of training and skips
+    straight to writing its outputs.
+    """
+    state = load_checkpoint(directory)
+    if state is None or state.get("finished"):
+        return False
+    save_checkpoint(directory, {**state, "finished": True})
+    return True
+
+
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """A model file a later stage can rebuild the model from: weights plus what shaped them."""
     save_torch(path, {"meta": meta, "state_dict": state_dict})

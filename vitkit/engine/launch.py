@@ -14,12 +14,19 @@ comes from the environment, which DVC does not track:
 
 A process torchrun (or a scheduler) already started, which sees ``WORLD_SIZE``, runs the stage
 itself and never launches again.
+
+torchrun starts each worker in a session of its own, so a signal to the launcher's process group
+does not reach them, and a launcher killed with SIGKILL cannot stop them: each worker asks the
+kernel to end it when its parent dies (``die_with_parent``), so no worker outlives its launcher.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 
@@ -27,6 +34,8 @@ from vitkit.errors import ConfigError
 
 DEFAULT_RDZV_TIMEOUT_S = 40
 DEFAULT_RDZV_PORT = 29400  # torchrun's
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+LAUNCHER_PID_ENV = "VITKIT_LAUNCHER_PID"  # set by ``launch``: the pid of its workers' parent
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,33 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
+def die_with_parent(parent: int | None = None, sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies; False where it cannot (not Linux).
+
+    For a process whose parent owns it (a torchrun worker, a stage DVC runs): were the parent
+    killed with SIGKILL, it could not stop this one, which would train on unseen, holding its
+    locks and files. The kernel only tells of deaths after the request, and a worker makes it
+    only after its imports (seconds on a loaded machine): given the pid its ``parent`` had,
+    a parent that died before is caught too (this process is now someone else's child).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    expected = os.getppid() if parent is None else parent
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+    if os.getppid() != expected:  # the parent is already gone: the kernel will not tell us
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def launcher_pid() -> int | None:
+    """The pid of the process that relaunched this stage under torchrun (``LAUNCHER_PID_ENV``), if any."""
+    raw = os.environ.get(LAUNCHER_PID_ENV, "")
+    return int(raw) if raw.isdigit() else None
+
+
 def relaunch_if_needed(module: str, argv: list[str], world_size: int, job: str) -> int | None:
     """Launch ``python -m module argv`` under torchrun when the params ask for several processes.
 
@@ -133,6 +169,7 @@ def launch(module: str, argv: list[str], layout: NodeLayout, job: str) -> int:
 
     args = [*layout.torchrun_args(), "-m", module, *argv]
     print(f"[{job}] launching {layout.describe()}: torchrun {' '.join(args)}", flush=True)
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the workers' parent, whose death they follow
     advice = _advice(layout)
     try:
         if layout.endpoint is not None:

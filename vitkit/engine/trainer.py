@@ -198,10 +198,10 @@ class Trainer:
         self._pending_from = 0  # step_in_epoch of the first of them
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def _checkpoint(self, finished: bool) -> dict[str, Any]:
+    def _checkpoint(self) -> dict[str, Any]:
         ckpt = {
             "fingerprint": self.cfg.fingerprint,
-            "finished": finished,
+            "finished": False,  # only the caller knows when its outputs are all written: mark_finished
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -235,17 +235,23 @@ class Trainer:
                 torch.distributed.broadcast(tensor, src=0)
             self.task.load_state_dict(extra)
 
-    def save(self, finished: bool = False) -> None:
+    def save(self) -> None:
         """Every rank takes part (rank 0's state, every rank's RNG); each node's first process writes."""
         self._adopt_rank0_buffers()
-        ckpt = self._checkpoint(finished)
+        ckpt = self._checkpoint()
         if self.dist.writes_files:
             save_checkpoint(self.checkpoint_dir, ckpt)
 
     def _resumable(self, ckpt: dict[str, Any] | None) -> bool:
-        """Whether this node's checkpoint continues this very run (same params, same world size)."""
+        """Whether this node's checkpoint continues this very run (same params, same world size).
+
+        A checkpoint is ``finished`` once its stage's outputs were all written (the caller says so
+        with ``vitkit.engine.checkpoint.mark_finished``), and is then kept only for inspection: a
+        run after a code change starts fresh. One at the end of the last epoch but not finished
+        resumes with no epoch left, so the caller only writes its outputs again.
+        """
         if ckpt is None or ckpt.get("finished"):
-            return False  # nothing to continue: a finished run's final state is kept only for inspection
+            return False
         if ckpt.get("fingerprint") != self.cfg.fingerprint or ckpt.get("world_size") != self.dist.world_size:
             if self.dist.writes_files:
                 print(
@@ -281,11 +287,14 @@ class Trainer:
             self.task.load_state_dict(ckpt["extra"])
         if self.dist.writes_files:
             origin = self.checkpoint_dir if holds_it else f"rank {source}'s checkpoint (none here that far)"
-            print(
-                f"[{self.cfg.desc}] resuming from {origin} at epoch {self.state.epoch + 1}, "
-                f"step {self.state.step_in_epoch}/{self.steps_per_epoch}",
-                flush=True,
-            )
+            if self.state.epoch >= self.cfg.epochs:
+                where = f"training already ended in {origin} ({self.state.epoch} epochs); no epoch to train"
+            else:
+                where = (
+                    f"resuming from {origin} at epoch {self.state.epoch + 1}, "
+                    f"step {self.state.step_in_epoch}/{self.steps_per_epoch}"
+                )
+            print(f"[{self.cfg.desc}] {where}", flush=True)
         return True
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -401,7 +410,11 @@ class Trainer:
         }
 
     def fit(self) -> list[dict[str, float]]:
-        """Train to the end (resuming if a checkpoint exists); returns the per-epoch history."""
+        """Train to the end (resuming if a checkpoint exists); returns the per-epoch history.
+
+        The last checkpoint is left unfinished: the caller marks it finished (``mark_finished``)
+        once it has written everything it trained for.
+        """
         if self.try_resume() and self.on_epoch_end is not None and self.dist.is_main:
             for row in self.state.history:  # a resumed run reports the epochs it inherited
                 self.on_epoch_end(row)
@@ -417,5 +430,4 @@ class Trainer:
             self.save()
             if self.on_epoch_end is not None and self.dist.is_main:
                 self.on_epoch_end(row)
-        self.save(finished=True)
         return self.state.history
