@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import subprocess
@@ -234,33 +233,6 @@ class StageRun:
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
-
-    def log_model(self, model: Any, name: str, input_example: Any) -> None:
-        """The model as an MLflow model that ``mlflow.pytorch.load_model`` loads back and runs.
-
-        Pickle serialisation (torch.export cannot trace every model here) with the
-        vitkit package shipped as code, and pinned requirements so MLflow does not
-        spend a minute inferring them.
-        """
-        import torch
-        import torchvision
-
-        import vitkit
-
-        # MLflow warns about pickle on every call; the choice is deliberate (the weights file beside it
-        # is the safe, weights_only copy), so keep the stage logs free of it.
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        mlflow.pytorch.log_model(
-            model,
-            name=name,
-            serialization_format="pickle",
-            input_example=input_example,
-            code_paths=[str(Path(vitkit.__file__).parent)],
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"torchvision=={torchvision.__version__.split('+')[0]}",
-            ],
-        )
 
 
 @contextlib.contextmanager
