@@ -31,14 +31,17 @@ through the same preprocessing and model as ``evaluate``:
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 import torch
+from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
@@ -92,6 +95,8 @@ def read_images(frame: pd.DataFrame, image_size: int | None) -> list[Tensor]:
         raise DataError(
             f"the input has {given} of the columns 'image' (encoded image bytes) and 'path'; give one"
         )
+    if frame.empty:
+        raise DataError("the input holds no image")
     images = []
     for row, value in enumerate(frame[columns[0]]):
         if columns[0] == "path":
@@ -211,6 +216,31 @@ def requirements() -> list[str]:
     return [f"{p}=={version(p).split('+')[0]}" for p in packages]
 
 
+class _DeliberatePickle(logging.Filter):
+    """MLflow warns on every pickled ``python_model``; here the pickle holds only a wrapper class and
+    a predictor function, both by reference (the weights are the ``weights_only`` artifact)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CloudPickle" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    """Stage logs without the pickle warning and the progress bars of the input example's check."""
+    logger, pickle_filter = logging.getLogger("mlflow.pyfunc"), _DeliberatePickle()
+    bars = MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get_raw()
+    logger.addFilter(pickle_filter)
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)
+    try:
+        yield
+    finally:
+        logger.removeFilter(pickle_filter)
+        if bars is None:
+            MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.unset()
+        else:
+            MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(bars)
+
+
 def log_model(
     model: ImageModel,
     weights: Path,
@@ -231,17 +261,18 @@ def log_model(
         outputs=infer_signature(None, probe.predict(None, example)).outputs,
         params=params_schema,
     )
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_NAME,
-        python_model=model,
-        artifacts={WEIGHTS: str(weights)},
-        model_config=config,
-        signature=signature,
-        input_example=example,
-        code_paths=[str(Path(vitkit.__file__).parent)],
-        pip_requirements=requirements(),
-        registered_model_name=registered_name,
-    )
+    with _quiet_logging():
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=model,
+            artifacts={WEIGHTS: str(weights)},
+            model_config=config,
+            signature=signature,
+            input_example=example,
+            code_paths=[str(Path(vitkit.__file__).parent)],
+            pip_requirements=requirements(),
+            registered_model_name=registered_name,
+        )
     if registered_name is not None:
         MlflowClient().set_registered_model_alias(registered_name, ALIAS, info.registered_model_version)
     return info

@@ -208,6 +208,7 @@ def test_bad_input_is_one_message_naming_the_image(store, teacher_uri, images):
         "image 0 is a 8-bit grayscale image; the model takes 8-bit RGB": pd.DataFrame({"image": [gray]}),
         "image 0 is 64x32 pixels; the model takes 32x32 RGB images": pd.DataFrame({"image": [wide]}),
         "neither of the columns 'image' (encoded image bytes) and 'path'": pd.DataFrame({"file": ["x.png"]}),
+        "the input holds no image": pd.DataFrame({"path": pd.Series([], dtype=str)}),
     }
     for message, frame in cases.items():
         with pytest.raises(MlflowException, match=re.escape(message)) as caught:
