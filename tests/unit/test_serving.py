@@ -8,7 +8,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import urllib.request
 
 import mlflow
 import numpy
@@ -18,6 +21,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from torchvision.io import encode_png
 
+from tests.loopback import free_port, wait_for
 from vitkit import predict, serving
 from vitkit.data.deit_transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 from vitkit.data.transforms import eval_transform
@@ -276,3 +280,37 @@ def test_predict_bad_input_is_one_error_line_and_exit_status_2(
         code = predict.main([uri, *(files or png_files(images[:1], store)), "--out", str(store / "bad")])
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_png_from_another_folder(store, teacher_uri, images, tmp_path):
+    """The real server (``--env-manager local``) started outside the project: the model needs nothing else."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "PYTHONPATH": ""}
+    command = ["mlflow", "models", "serve", "-m", teacher_uri, "--env-manager", "local"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [*command, "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env, stdout=out, stderr=out
+        )
+    try:
+        wait_for(lambda: ping(port), 180, "mlflow models serve", log)
+        png = base64.b64encode(encode_png(images[0]).numpy().tobytes()).decode()
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[png]]}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            (prediction,) = json.loads(answer.read())["predictions"]
+        assert prediction["label"] in ("a", "b") and set(prediction) == {"label", "score", "prob_a", "prob_b"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def ping(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
