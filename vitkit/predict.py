@@ -40,7 +40,7 @@ from vitkit import serving, tracking
 from vitkit.errors import USER_ERROR_EXIT_CODE, DataError, VitkitError
 from vitkit.io import atomic_path, write_csv
 
-DRAW_THRESHOLD = 0.3  # boxes drawn on the images: fewer than the results json keeps
+DRAW_THRESHOLD = 0.3  # boxes drawn without --score-threshold: fewer than the results json keeps
 
 
 def one_line(message: str) -> str:
@@ -91,7 +91,7 @@ def predict(model_uri: str, images: list[Path], out: Path, score_threshold: floa
         target = out / "detections.json"
         with atomic_path(target) as tmp:
             tmp.write_text(json.dumps(detections_json(frame, images), indent=1))
-        draw(frame, images, out, DRAW_THRESHOLD)
+        draw(frame, images, out, DRAW_THRESHOLD if score_threshold is None else score_threshold)
         return [target, *(out / f"{p.stem}.boxes.png" for p in images)]
     if "embedding" in frame:
         vectors = pd.DataFrame(list(frame.pop("embedding"))).add_prefix("embedding_")
@@ -104,7 +104,7 @@ def predict(model_uri: str, images: list[Path], out: Path, score_threshold: floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vitkit.predict",
-        description=__doc__.split("\n\n", 1)[1],
+        description=__doc__.split("\n\n", 1)[1].replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         "--score-threshold",
         type=float,
         default=None,
-        help="detectors: keep boxes scoring above this (default: the model's, as evaluate scores it)",
+        help="detectors: keep and draw boxes scoring above this (default: the model's threshold, as "
+        f"evaluate scores it, in the json; boxes from {DRAW_THRESHOLD} drawn)",
     )
     args = parser.parse_args(argv)
     try:

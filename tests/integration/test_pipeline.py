@@ -110,7 +110,7 @@ def check_served_models_agree_with_evaluate(repo: Path, evaluate: dict) -> None:
 
 
 def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
-    first = run(["dvc", "repro"], repro_repo)
+    first = run(["dvc", "repro"], repro_repo, timeout=1800)  # 10 min was not enough at load 10 on 2 cores
     assert first.returncode == 0, first.stdout + first.stderr
     for stage in dag_stages(repro_repo):
         assert f"Running stage '{stage}'" in first.stdout
