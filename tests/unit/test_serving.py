@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import urllib.request
 
@@ -290,8 +291,13 @@ def test_mlflow_models_serve_answers_a_png_from_another_folder(store, teacher_ur
     command = ["mlflow", "models", "serve", "-m", teacher_uri, "--env-manager", "local"]
     log = tmp_path / "serve.log"
     with log.open("w") as out:
-        server = subprocess.Popen(
-            [*command, "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env, stdout=out, stderr=out
+        server = subprocess.Popen(  # its own process group: the uvicorn worker it starts goes with it
+            [*command, "-h", "127.0.0.1", "-p", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
         )
     try:
         wait_for(lambda: ping(port), 180, "mlflow models serve", log)
@@ -304,7 +310,7 @@ def test_mlflow_models_serve_answers_a_png_from_another_folder(store, teacher_ur
             (prediction,) = json.loads(answer.read())["predictions"]
         assert prediction["label"] in ("a", "b") and set(prediction) == {"label", "score", "prob_a", "prob_b"}
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
