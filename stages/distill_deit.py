@@ -24,8 +24,15 @@ from vitkit.engine.checkpoint import load_weights
 from vitkit.engine.trainer import Trainer
 from vitkit.io import file_digest
 from vitkit.losses.distillation import DISTILLATION_TYPES
+from vitkit.serving import ClassifierModel
 from vitkit.tasks.base import fingerprint, trainer_config
-from vitkit.tasks.distillation import DistillationTask, scaled_lr, train_dataset, vit_config
+from vitkit.tasks.distillation import (
+    DistillationTask,
+    scaled_lr,
+    student_predictor,
+    train_dataset,
+    vit_config,
+)
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -58,9 +65,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     metrics["parameters"] = sum(t.numel() for t in model.parameters())
     curves = ("train_loss", "val_cls_top1", "val_dist_top1", "val_avg_top1")
     title = f"DeiT student, distillation {mode}"
-    metrics = publish(ctx, history, metrics, model, task.meta(), curves, title, len(dataset))
-    ctx.run.log_model(model.cpu().eval(), f"deit_{mode}", task.eval_transform(val.images[:2]).numpy())
-    return metrics
+    served = ClassifierModel(student_predictor)
+    return publish(
+        ctx, history, metrics, model, task.meta(), curves, title, len(dataset), served, val.images[:2]
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from stages.publish import publish
 from vitkit.data.datasets import load_image_dir_tensors, load_imagefolder_tensors
 from vitkit.data.ssl_transforms import plot_view_pairs
 from vitkit.engine.trainer import Trainer
+from vitkit.serving import EmbeddingModel
 from vitkit.tasks.base import fingerprint, trainer_config
-from vitkit.tasks.contrastive import ContrastiveTask, two_view_dataset
+from vitkit.tasks.contrastive import ContrastiveTask, backbone_predictor, two_view_dataset
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -53,8 +54,9 @@ def run(ctx: StageContext) -> dict[str, float]:
         "image_size": unlabeled.shape[-1],
     }
     curves = ("train_loss", "train_pretext_top1", "knn_top1")
+    title, served = f"{p.method} pretraining", EmbeddingModel(backbone_predictor)
     metrics = publish(
-        ctx, history, metrics, task.final_model(), meta, curves, f"{p.method} pretraining", len(unlabeled)
+        ctx, history, metrics, task.final_model(), meta, curves, title, len(unlabeled), served, unlabeled[:2]
     )
     views = ctx.path(ctx.out.plot("view_pairs.png"))
     plot_view_pairs(unlabeled[:8], dataset.two_views, views)

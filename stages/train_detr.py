@@ -17,6 +17,7 @@ import dataclasses
 import sys
 
 import pandas as pd
+from torch import Tensor
 
 from stages import paths
 from stages.common import StageContext, stage_main
@@ -27,8 +28,9 @@ from vitkit.engine.checkpoint import load_weights
 from vitkit.engine.trainer import Trainer
 from vitkit.errors import ConfigError, DataError
 from vitkit.evaluation.detection import FINAL_COLUMNS
+from vitkit.serving import DetectorModel
 from vitkit.tasks.base import fingerprint, trainer_config
-from vitkit.tasks.detection import DETECTORS, DetectionTask, init_trunk
+from vitkit.tasks.detection import DETECTORS, DetectionTask, detector_predictor, init_trunk
 
 INIT_WEIGHTS = {"ssl": (paths.SSL.model, "pretrain_ssl"), "teacher": (paths.TEACHER.model, "train_teacher")}
 
@@ -73,7 +75,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     metrics = {f"val_{name}": final[f"val_{name}"] for name in FINAL_COLUMNS}
     metrics |= {"epochs": int(final["epoch"]), "final_train_loss": final["train_loss"]}
     curves = ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "val_AP", "val_AP50")
-    return publish(ctx, history, metrics, task.model, task.meta(), curves, f"{arch} training", len(train))
+    raw = CocoDetection(ctx.path(paths.DETECTION / "val"))  # uint8 images at their own size
+    examples = [raw[i][0].as_subclass(Tensor) for i in range(min(2, len(raw)))]
+    served, title = DetectorModel(detector_predictor), f"{arch} training"
+    meta = task.meta()
+    return publish(ctx, history, metrics, task.model, meta, curves, title, len(train), served, examples)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ from stages import paths
 from stages.common import StageContext, stage_main
 from stages.publish import publish
 from vitkit.data.datasets import load_imagefolder_tensors
-from vitkit.data.transforms import eval_transform
 from vitkit.engine.checkpoint import load_weights
 from vitkit.engine.trainer import Trainer
 from vitkit.errors import ConfigError
 from vitkit.io import file_digest
+from vitkit.serving import ClassifierModel
 from vitkit.tasks.base import fingerprint, trainer_config
-from vitkit.tasks.classifier import ClassifierTask, train_dataset
+from vitkit.tasks.classifier import ClassifierTask, classifier_predictor, train_dataset
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -57,10 +57,10 @@ def run(ctx: StageContext) -> dict[str, float]:
         "init": p.init,
     }
     curves = ("train_loss", "val_top1")
-    metrics = publish(ctx, history, metrics, task.model, meta, curves, "teacher", len(dataset))
-    example = eval_transform()(val.images[:2]).numpy()
-    ctx.run.log_model(task.model.cpu().eval(), "teacher", example)
-    return metrics
+    served = ClassifierModel(classifier_predictor)
+    return publish(
+        ctx, history, metrics, task.model, meta, curves, "teacher", len(dataset), served, val.images[:2]
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import subprocess
@@ -284,7 +283,7 @@ class StageRun:
         self.missed, self.down_since = [], None
         return True
 
-    def _publish(self, what: str, call: Callable[[], Any]) -> Any:
+    def publish(self, what: str, call: Callable[[], Any]) -> Any:
         """A call publishing needs: a server that does not take it stops the stage with one line."""
         try:
             if self.down_since is not None:
@@ -304,7 +303,7 @@ class StageRun:
         params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flat.items()]
         for start in range(0, len(params), 100):
             batch = params[start : start + 100]
-            self._publish("the params", lambda batch=batch: self.client.log_batch(self.run_id, params=batch))
+            self.publish("the params", lambda batch=batch: self.client.log_batch(self.run_id, params=batch))
 
     @staticmethod
     def _metrics(values: Mapping[str, float], step: int | None) -> list[Metric]:
@@ -315,7 +314,7 @@ class StageRun:
         """All numbers of one step in a single call (with any epoch values the server missed)."""
         metrics = self._metrics(values, step)
         if metrics:
-            self._publish("the metrics", lambda: self._catch_up(metrics, final=True))
+            self.publish("the metrics", lambda: self._catch_up(metrics, final=True))
 
     def log_epoch(self, row: Mapping[str, float]) -> None:
         """One epoch's values; kept for later while the server does not answer, training goes on."""
@@ -326,7 +325,7 @@ class StageRun:
         self._catch_up(metrics, final=False)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self._publish(path.name, lambda: self.client.log_artifact(self.run_id, str(path), folder))
+        self.publish(path.name, lambda: self.client.log_artifact(self.run_id, str(path), folder))
 
     def end(self, status: str) -> None:
         """End the run with ``status``: a ``TrackingError`` if the server does not take FINISHED.
@@ -335,40 +334,10 @@ class StageRun:
         the next start of the stage marks it KILLED.
         """
         if status == RunStatus.to_string(RunStatus.FINISHED):
-            self._publish("the end of the run", lambda: mlflow.end_run(status))
+            self.publish("the end of the run", lambda: mlflow.end_run(status))
             return
         with _one_quick_try(), contextlib.suppress(Exception):
             mlflow.end_run(status)
-
-    def log_model(self, model: Any, name: str, input_example: Any) -> None:
-        """The model as an MLflow model that ``mlflow.pytorch.load_model`` loads back and runs.
-
-        Pickle serialisation (torch.export cannot trace every model here) with the
-        vitkit package shipped as code, and pinned requirements so MLflow does not
-        spend a minute inferring them.
-        """
-        import torch
-        import torchvision
-
-        import vitkit
-
-        # MLflow warns about pickle on every call; the choice is deliberate (the weights file beside it
-        # is the safe, weights_only copy), so keep the stage logs free of it.
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        self._publish(
-            f"the model {name}",
-            lambda: mlflow.pytorch.log_model(
-                model,
-                name=name,
-                serialization_format="pickle",
-                input_example=input_example,
-                code_paths=[str(Path(vitkit.__file__).parent)],
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    f"torchvision=={torchvision.__version__.split('+')[0]}",
-                ],
-            ),
-        )
 
 
 @contextlib.contextmanager

@@ -152,12 +152,14 @@ def kill_once_it_trains(clone: Path, params_file: Path, env: dict, client: Mlflo
 LOAD_ELSEWHERE = """
 import json, sys
 from pathlib import Path
-import mlflow, torch
+import mlflow, pandas, torch
+from torchvision.io import encode_png
 run_id, image_size = sys.argv[1], int(sys.argv[2])
 figures = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="figures", dst_path="downloaded")
-model = mlflow.pytorch.load_model(f"runs:/{run_id}/teacher")
-logits = model(torch.rand(2, 3, image_size, image_size))
-print(json.dumps({"figures": sorted(p.name for p in Path(figures).iterdir()), "shape": list(logits.shape)}))
+model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+png = encode_png(torch.zeros(3, image_size, image_size, dtype=torch.uint8)).numpy().tobytes()
+out = model.predict(pandas.DataFrame({"image": [png, png]}))
+print(json.dumps({"figures": sorted(p.name for p in Path(figures).iterdir()), "columns": list(out.columns)}))
 """
 
 
@@ -231,5 +233,6 @@ def test_a_killed_teacher_ends_killed_and_its_model_loads_elsewhere(mlflow_serve
     assert loaded.returncode == 0, loaded.stderr
     result = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert result["figures"] == ["curves.png"]
-    assert result["shape"] == [2, 6]  # the shapes data's six classes
+    classes = params["data"]["classes"]  # the shapes data's six classes, reported in the params' order
+    assert result["columns"] == ["label", "score", *(f"prob_{c}" for c in classes)]
     assert (elsewhere / "downloaded/figures/curves.png").stat().st_size > 0

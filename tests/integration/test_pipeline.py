@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+import mlflow
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -41,8 +46,71 @@ def check_deit_outputs(repo, evaluate: dict) -> None:
     assert rows[0] == "model,cls_top1,dist_top1,avg_top1,teacher_agreement" and len(rows) == 5
 
 
+def served_model(client: MlflowClient, name: str) -> mlflow.pyfunc.PyFuncModel:
+    """The registered model's ``current`` version, loaded from its run as a user would."""
+    version = client.get_model_version_by_alias(f"vitkit-{name}", "current")
+    return mlflow.pyfunc.load_model(f"runs:/{version.run_id}/model")
+
+
+def served_scores(repo: Path) -> dict[str, float]:
+    """Each of the seven pyfunc models on the test PNG files, scored as ``evaluate`` scores the model
+    files: top-1 of the teacher and the students, kNN top-1 of the SSL embeddings, COCO AP."""
+    from vitkit.data.datasets import CocoDetection
+    from vitkit.evaluation.coco import evaluate_coco
+    from vitkit.evaluation.knn import knn_accuracy
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    mlflow.set_tracking_uri(client.tracking_uri)
+    split = {s: sorted((repo / "data/classification" / s).glob("*/*.png")) for s in ("train", "test")}
+    frames = {s: pd.DataFrame({"path": [str(p) for p in files]}) for s, files in split.items()}
+    names = {s: [p.parent.name for p in files] for s, files in split.items()}
+    scores = {}
+    for name in ("teacher", "deit-none", "deit-soft", "deit-hard"):
+        scores[name] = float(
+            (served_model(client, name).predict(frames["test"])["label"] == names["test"]).mean()
+        )
+    ssl, knn = served_model(client, "ssl"), yaml.safe_load((repo / "params.yaml").read_text())["ssl"]["knn"]
+    classes = sorted(set(names["train"]))
+    features = {s: torch.from_numpy(np.stack(ssl.predict(frame)["embedding"])) for s, frame in frames.items()}
+    labels = {s: torch.tensor([classes.index(c) for c in names[s]]) for s in names}
+    scores["ssl_knn"] = knn_accuracy(
+        features["train"],
+        labels["train"],
+        features["test"],
+        labels["test"],
+        len(classes),
+        knn["k"],
+        knn["temperature"],
+    )
+    test = CocoDetection(repo / "data/detection/test")
+    files = {info["id"]: test.images_dir / info["file_name"] for info in test.coco.imgs.values()}
+    frame = pd.DataFrame({"path": [str(f) for f in files.values()]})
+    for name in ("detr", "deformable-detr"):
+        results = [
+            {"image_id": image_id, "category_id": c, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s}
+            for image_id, row in zip(
+                files, served_model(client, name).predict(frame).itertuples(), strict=True
+            )
+            for (x1, y1, x2, y2), c, s in zip(row.boxes, row.category_ids, row.scores, strict=True)
+        ]
+        scores[name] = evaluate_coco(test.coco, results)["AP"]
+    return scores
+
+
+def check_served_models_agree_with_evaluate(repo: Path, evaluate: dict) -> None:
+    """A user's answers are what evaluate measured: equal top-1 (one image is 1/60), AP within 1e-3."""
+    served = served_scores(repo)
+    one_image = 0.5 / len(list((repo / "data/classification/test").glob("*/*.png")))
+    assert served["teacher"] == pytest.approx(evaluate["teacher"]["top1"], abs=one_image)
+    for mode in ("none", "soft", "hard"):
+        assert served[f"deit-{mode}"] == pytest.approx(evaluate["deit"][mode]["avg_top1"], abs=one_image)
+    assert served["ssl_knn"] == pytest.approx(evaluate["ssl"]["ssl"]["knn_top1"], abs=one_image)
+    assert served["detr"] == pytest.approx(evaluate["detection"]["detr"]["AP"], abs=1e-3)
+    assert served["deformable-detr"] == pytest.approx(evaluate["detection"]["deformable"]["AP"], abs=1e-3)
+
+
 def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
-    first = run(["dvc", "repro"], repro_repo)
+    first = run(["dvc", "repro"], repro_repo, timeout=1800)  # 10 min was not enough at load 10 on 2 cores
     assert first.returncode == 0, first.stdout + first.stderr
     for stage in dag_stages(repro_repo):
         assert f"Running stage '{stage}'" in first.stdout
@@ -63,6 +131,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
         assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
     assert (repro_repo / "plots/evaluate/detection_comparison.png").stat().st_size > 0
     check_deit_outputs(repro_repo, evaluate)
+    check_served_models_agree_with_evaluate(repro_repo, evaluate)
 
     for arch in ("detr", "deformable"):  # every loss term of DETR's set loss, per epoch
         header = (repro_repo / f"plots/detr/{arch}/history.csv").read_text().splitlines()[0].split(",")

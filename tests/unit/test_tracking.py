@@ -1,5 +1,5 @@
 """MLflow conventions: URI, artifact location, reachability, run nesting and tags, batched metrics,
-the status a run ends with (also when its process was killed), model round trip."""
+the status a run ends with (also when its process was killed); models: tests/unit/test_serving.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from vitkit import tracking
@@ -135,15 +134,6 @@ def test_run_of_a_killed_stage_is_marked_killed_when_the_stage_starts_again(repo
     assert client.get_run(rerun.run_id).info.status == "FINISHED"
     for survivor in (alive, elsewhere, other_stage):
         assert client.get_run(survivor.info.run_id).info.status == "RUNNING"
-
-
-def test_logged_model_loads_back_and_predicts(repo):
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
-    example = torch.randn(2, 3, 2, 2)
-    with tracking.stage_run("train_y", repo, "exp", {}) as run:
-        run.log_model(model, "net", example.numpy())
-    loaded = mlflow.pytorch.load_model(f"runs:/{run.run_id}/net")
-    assert torch.allclose(loaded(example), model(example))
 
 
 class FlakyClient:

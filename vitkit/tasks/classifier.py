@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,6 +52,15 @@ def load_classifier(state: dict[str, torch.Tensor], meta: dict) -> nn.Module:
     model = build_resnet(meta["arch"], num_classes=len(meta["classes"]), stem=meta["stem"])
     model.load_state_dict(state)
     return model
+
+
+def classifier_predictor(
+    state: dict[str, torch.Tensor], meta: dict, device: torch.device, batch_size: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Logits of a teacher model file for uint8 images, preprocessed as ``evaluate_classifier`` does
+    (what its MLflow model serves, ``vitkit.serving``)."""
+    model = load_classifier(state, meta).to(device)
+    return partial(predict_logits, model, transform=eval_transform(), device=device, batch_size=batch_size)
 
 
 class ClassifierTask(TrainingTask):

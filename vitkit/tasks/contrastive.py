@@ -11,6 +11,9 @@ linear probe on frozen features, beside the same trunk with random weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -90,6 +93,25 @@ class ContrastiveTask(TrainingTask):
         return {"knn_top1": self.knn_top1(model)}
 
 
+def load_trunk(meta: dict, state: dict[str, torch.Tensor] | None) -> nn.Module:
+    """The ResNet trunk (no classifier) an SSL model file describes, with its weights or, for
+    ``state=None``, the same trunk at random initialisation."""
+    trunk = build_resnet(meta["arch"], num_classes=1, stem=meta["stem"])
+    trunk.fc = nn.Identity()
+    if state is not None:
+        load_backbone(trunk, state)
+    return trunk
+
+
+def backbone_predictor(
+    state: dict[str, torch.Tensor], meta: dict, device: torch.device, batch_size: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """L2-normalised features of uint8 images from an SSL model file: what kNN and the linear probe
+    read in ``evaluate_backbone`` (and what its MLflow model serves, ``vitkit.serving``)."""
+    trunk = load_trunk(meta, state).to(device)
+    return partial(extract_features, trunk, batch_size=batch_size, normalize_fn=NORMALIZE)
+
+
 def evaluate_backbone(
     trunk_state: dict[str, torch.Tensor],
     meta: dict,
@@ -107,11 +129,7 @@ def evaluate_backbone(
     rows = {}
     for name, weights in (("ssl", trunk_state), ("random_init", None)):
         torch.manual_seed(seed)
-        trunk = build_resnet(meta["arch"], num_classes=1, stem=meta["stem"])
-        trunk.fc = nn.Identity()
-        if weights is not None:
-            load_backbone(trunk, weights)
-        trunk.to(device)
+        trunk = load_trunk(meta, weights).to(device)
         train_feats, test_feats = (
             extract_features(trunk, split.images, batch_size, NORMALIZE) for split in (train, test)
         )

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
+from torchvision import tv_tensors
 
 from vitkit.config import BackboneParams, DetrTrainingParams
 from vitkit.data.datasets import CocoDetection
@@ -48,6 +49,7 @@ from vitkit.models.detr import (
     nested_tensor_from_images,
     param_groups,
 )
+from vitkit.models.detr.postprocess import Detection
 
 FIGURE_IMAGES = 8  # test images in each detector's figure of predicted and true boxes
 LOGGED_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
@@ -131,6 +133,28 @@ def load_detector(state: dict[str, Tensor], meta: dict) -> tuple[nn.Module, Post
     model = detector.build(_config(detector, meta["config"]), None)
     model.load_state_dict(state)
     return model, detector.postprocess(top_k=meta["top_k"], score_threshold=meta["score_threshold"])
+
+
+def detector_predictor(
+    state: dict[str, Tensor], meta: dict, device: torch.device, batch_size: int
+) -> Callable[[list[Tensor]], list[Detection]]:
+    """Detections of a ``train_detr`` model file for uint8 images of any size, in their own pixels:
+    each image goes through ``evaluate_detector``'s transform as a test image without annotations
+    would, and the same ``predict_coco`` (what its MLflow model serves, ``vitkit.serving``)."""
+    model, post = load_detector(state, meta)
+    model.to(device)
+    transform = eval_transforms(meta["eval_size"])
+
+    def predict(images: list[Tensor]) -> list[Detection]:
+        items = []
+        for index, image in enumerate(images):
+            size = tuple(image.shape[-2:])
+            none = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=size)
+            target = {"boxes": none, "image_id": index, "orig_size": size}
+            items.append(transform(tv_tensors.Image(image), target))
+        return predict_coco(model, items, post, device, batch_size)[0]
+
+    return predict
 
 
 def coco_metrics(

@@ -11,6 +11,8 @@ state: it is checkpointed, validated and published instead of the raw weights.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from vitkit.data.deit_transforms import (
 from vitkit.engine.task import TrainingTask
 from vitkit.errors import DataError
 from vitkit.evaluation.attention import save_attention_figure, token_attention_maps
+from vitkit.evaluation.classification import predict_logits
 from vitkit.evaluation.deit import head_scores, predict_heads
 from vitkit.losses.distillation import DistillationLoss, build_base_criterion
 from vitkit.models.vit import VisionTransformer, ViTConfig, build_vit, optimizer_param_groups, preset
@@ -73,6 +76,16 @@ def load_student(state: dict[str, torch.Tensor], meta: dict) -> VisionTransforme
     model = build_vit(ViTConfig(**meta["vit"]))
     model.load_state_dict(state)
     return model
+
+
+def student_predictor(
+    state: dict[str, torch.Tensor], meta: dict, device: torch.device, batch_size: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """DeiT's prediction (the mean of both heads' logits; the class head's without distillation token)
+    of a student model file for uint8 images, preprocessed as ``evaluate_student`` does."""
+    model = load_student(state, meta).to(device)
+    transform = eval_transform(meta["image_size"])
+    return partial(predict_logits, model, transform=transform, device=device, batch_size=batch_size)
 
 
 class DistillationTask(TrainingTask):
