@@ -134,7 +134,7 @@ def stage_main(
     started = time.perf_counter()
     try:
         params = load_params(args.params)
-        if distributed:  # the model stages: processes, workers and threads against this machine
+        if distributed:  # the model stages: their processes and DataLoader workers against this machine
             check_machine(params, label)
         if not launched_by_torchrun() or dist_info_from_env().is_main:
             # one process per machine talks to MLflow: before a relaunch it creates the store and
