@@ -30,9 +30,21 @@ from stages.paths import StagePaths, stage_paths
 from vitkit import tracking
 from vitkit.config import Params, flatten, load_params
 from vitkit.engine.checkpoint import mark_finished, seed_everything
-from vitkit.engine.device import select_device, set_threads
+from vitkit.engine.device import (
+    check_num_workers,
+    check_process_count,
+    local_processes,
+    select_device,
+    set_threads,
+)
 from vitkit.engine.distributed import DistInfo, dist_info_from_env, init_distributed, shutdown_distributed
-from vitkit.engine.launch import die_with_parent, launched_by_torchrun, launcher_pid, relaunch_if_needed
+from vitkit.engine.launch import (
+    die_with_parent,
+    launched_by_torchrun,
+    launcher_pid,
+    node_layout,
+    relaunch_if_needed,
+)
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
 
 
@@ -84,6 +96,25 @@ def dvc_stage_hash(repo_root: Path) -> str:
         return f"unavailable ({type(exc).__name__}: {exc})"
 
 
+def check_machine(params: Params, label: str) -> None:
+    """What a model stage asks of this machine, checked before anything starts (``ConfigError``):
+    its processes on this node against the GPUs or cores, its DataLoader workers against the cores.
+
+    Only where the stage runs: params.yaml is written for any machine (a stage may be dispatched
+    to a GPU pool while ``prepare`` runs on a CPU one), so ``vitkit.config check`` cannot do it.
+    """
+    engine = params.engine
+    device = select_device(engine.device)
+    if launched_by_torchrun():
+        per_node = local_processes()
+        nnodes = max(1, engine.nproc // per_node)
+    else:
+        layout = node_layout(engine.nproc, label)
+        per_node, nnodes = layout.nproc_per_node, layout.nnodes
+    check_process_count(engine.nproc, per_node, nnodes, device)
+    check_num_workers(engine.num_workers)
+
+
 def stage_main(
     name: str,
     description: str,
@@ -118,6 +149,8 @@ def stage_main(
         die_with_parent(launcher_pid() if launched_by_torchrun() else None)
     try:
         params = load_params(args.params)
+        if distributed:  # the model stages: their processes and DataLoader workers against this machine
+            check_machine(params, label)
         if not launched_by_torchrun() or dist_info_from_env().is_main:
             # one process per machine talks to MLflow: before a relaunch it creates the store and
             # the experiment, so the ranks never race to migrate a new database
@@ -126,7 +159,7 @@ def stage_main(
         launched = relaunch_if_needed(module, argv, params.engine.nproc, label) if distributed else None
         if launched is not None:  # this process was torchrun's launcher: the workers ran the stage
             return launched
-        set_threads(params.engine.threads)
+        set_threads(params.engine.threads, label)
         seed_everything(params.seed)
         device = select_device(params.engine.device, int(os.environ.get("LOCAL_RANK", "0")))
         dist = init_distributed(device) if distributed else DistInfo()

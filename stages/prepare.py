@@ -18,6 +18,7 @@ from stages import paths
 from stages.common import StageContext, stage_main
 from vitkit.data import ingest, shapes
 from vitkit.data.card import build_dataset_card, plot_samples
+from vitkit.engine.device import at_most_cores
 from vitkit.errors import ConfigError
 from vitkit.io import atomic_dir, write_json
 from vitkit.progress import progress_enabled
@@ -25,7 +26,7 @@ from vitkit.progress import progress_enabled
 SPLITS = ("train", "val", "test")
 
 
-def prepare_classification(ctx: StageContext, out: Path) -> None:
+def prepare_classification(ctx: StageContext, out: Path, workers: int) -> None:
     cfg, data = ctx.params.data.classification, ctx.params.data
     if cfg.source == "imagefolder":
         ingest.ingest_imagefolder(Path(cfg.path), out, SPLITS, cfg.image_size)
@@ -36,16 +37,20 @@ def prepare_classification(ctx: StageContext, out: Path) -> None:
         "test": cfg.shapes.test_per_class,
     }
     shapes.generate_classification(
-        out, data.classes, counts, cfg.image_size, ctx.params.seed, data.workers, progress_enabled()
+        out, data.classes, counts, cfg.image_size, ctx.params.seed, workers, progress_enabled()
     )
 
 
-def prepare_detection(ctx: StageContext, out: Path) -> None:
+def prepare_detection(ctx: StageContext, out: Path, workers: int) -> None:
     cfg, data = ctx.params.data.detection, ctx.params.data
     if cfg.source == "coco":
-        # validate every split before writing any, so a bad test split does not leave a new train split
-        for split in SPLITS:
-            ingest.validate_coco(Path(cfg.coco[split].annotations), Path(cfg.coco[split].images))
+        # validate every split, and their categories against train's, before writing any, so a bad
+        # test split does not leave a new train split
+        validated = {
+            split: ingest.validate_coco(Path(cfg.coco[split].annotations), Path(cfg.coco[split].images))
+            for split in SPLITS
+        }
+        ingest.check_coco_splits(validated)
         for split in SPLITS:
             ingest.ingest_coco(Path(cfg.coco[split].annotations), Path(cfg.coco[split].images), out / split)
         return
@@ -53,18 +58,18 @@ def prepare_detection(ctx: StageContext, out: Path) -> None:
     counts = {"train": s.train_images, "val": s.val_images, "test": s.test_images}
     shapes.generate_detection(
         out, data.classes, counts, cfg.image_size, s.min_objects, s.max_objects, s.min_object_size,
-        s.max_object_size, ctx.params.seed, data.workers, progress_enabled(),
+        s.max_object_size, ctx.params.seed, workers, progress_enabled(),
     )  # fmt: skip
 
 
-def prepare_unlabeled(ctx: StageContext, out: Path) -> None:
+def prepare_unlabeled(ctx: StageContext, out: Path, workers: int) -> None:
     cfg, data = ctx.params.data.unlabeled, ctx.params.data
     size = data.classification.image_size
     if cfg.source == "folder":
         ingest.ingest_image_dir(Path(cfg.path), out, size)
         return
     shapes.generate_unlabeled(
-        out, data.classes, cfg.shapes.images, size, ctx.params.seed, data.workers, progress_enabled()
+        out, data.classes, cfg.shapes.images, size, ctx.params.seed, workers, progress_enabled()
     )
 
 
@@ -82,6 +87,8 @@ def check_shape_classes(ctx: StageContext) -> None:
 
 def run(ctx: StageContext) -> dict[str, float]:
     check_shape_classes(ctx)
+    # processes generating the shapes data: the data does not depend on how many, so at most one per core
+    workers = at_most_cores(ctx.params.data.workers, "data.workers", ctx.name)
     data_root = ctx.path(paths.DATA)
     # all three are built in temporary folders and swapped in together only when every one succeeded:
     # a bad detection json must not leave a new classification split beside the old detection data
@@ -90,9 +97,9 @@ def run(ctx: StageContext) -> dict[str, float]:
         atomic_dir(ctx.path(paths.DETECTION)) as detection,
         atomic_dir(ctx.path(paths.UNLABELED)) as unlabeled,
     ):
-        prepare_classification(ctx, classification)
-        prepare_detection(ctx, detection)
-        prepare_unlabeled(ctx, unlabeled)
+        prepare_classification(ctx, classification, workers)
+        prepare_detection(ctx, detection, workers)
+        prepare_unlabeled(ctx, unlabeled, workers)
 
     card = build_dataset_card(data_root)
     card_path = ctx.path(paths.DATASET_CARD)

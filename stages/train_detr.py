@@ -22,6 +22,7 @@ from torch import Tensor
 from stages import paths
 from stages.common import StageContext, stage_main
 from stages.publish import publish
+from vitkit.config import MAX_CATEGORY_ID
 from vitkit.data.datasets import CocoDetection, collate_detection
 from vitkit.data.detection_transforms import eval_transforms, train_transforms
 from vitkit.engine.checkpoint import load_weights
@@ -52,8 +53,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     arch, p = ctx.variant, ctx.params.detr_training
     train = CocoDetection(ctx.path(paths.DETECTION / "train"), train_transforms(p.train_scales, crop=p.crop))
     val = CocoDetection(ctx.path(paths.DETECTION / "val"), eval_transforms(p.eval_size))
-    if not train.categories or min(c["id"] for c in train.categories) < 0:
-        raise DataError(f"{paths.DETECTION}/train/annotations.json: categories need non-negative integer ids")
+    ids = [c["id"] for c in train.categories]
+    if not ids or min(ids) < 0 or max(ids) > MAX_CATEGORY_ID:  # prepare checks them; guard the allocation
+        raise DataError(
+            f"{paths.DETECTION}/train/annotations.json: categories need integer ids in "
+            f"[0, {MAX_CATEGORY_ID}] (the class head gets max id + 1 outputs), got "
+            f"{min(ids, default=None)}..{max(ids, default=None)}; run the prepare stage"
+        )
     release = ctx.path(p.release_checkpoint) if p.release_checkpoint else None
     section, batch_size = getattr(ctx.params, arch), ctx.params.evaluate.batch_size
     trunk = None if release else trunk_init(ctx)

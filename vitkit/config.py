@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import io
 import json
 import shlex
 import sys
@@ -35,6 +36,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic.fields import FieldInfo
 
 from vitkit.errors import ConfigError
+from vitkit.io import non_regular_kind
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 DOCS_COMMAND = "python -m vitkit.config docs --out docs/params.md"
@@ -61,6 +63,37 @@ def _unique(values: list[str]) -> list[str]:
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+
+# Sanity bounds. Counts of processes and threads are also checked against the machine when a stage
+# starts (vitkit/engine/device.py); the bounds here are what no machine or published model comes
+# near, so a typo such as 1e9 is refused by `python -m vitkit.config check` before anything
+# allocates, on any machine. What fits a given machine's memory is not checked.
+MAX_SEED = 2**32 - 1  # numpy seeds only from [0, 2**32 - 1] (np.random.seed)
+MAX_PROCESSES = 1024  # processes or threads of one kind
+MAX_IMAGES = 1_000_000  # images generated per count: all written to disk, the small ones held in memory
+MAX_BATCH = 65_536  # images in one batch (per process)
+MAX_WIDTH = 4096  # transformer width (DETR-R50: 256, ViT-H: 1280)
+MAX_FEEDFORWARD = 16_384  # hidden size of a feed-forward block or projection head (ViT-H: 5120)
+MAX_LAYERS = 64  # blocks of one encoder or decoder (ViT-H: 32, DETR: 6)
+MAX_HEADS = 64  # attention heads (ViT-H: 16)
+MAX_QUERIES = 2048  # object queries (DETR: 100, Deformable: 300, DINO: 900)
+MAX_POINTS = 32  # deformable sampling points per head and level (paper: 4)
+MAX_QUEUE_VALUES = 2**28  # MoCo queue_size * proj_dim: 1 GiB of float32 keys (MoCo v2: 65536 * 128)
+# COCO category ids are class indices (vitkit/data/ingest.py checks them): the class head has
+# max id + 1 outputs (DETR: + 1 for "no object") and every query scores them all. 10 000 ids leave
+# room for the largest public vocabularies (LVIS: 1203, Objects365: 365, COCO: 90) while the head
+# stays small (10 MB at width 256) and one image's class logits over 300 queries take 12 MB; a
+# stray id of 2e9 would ask for hundreds of GB.
+MAX_CATEGORY_ID = 9_999
+ProcessCount = Annotated[int, Field(gt=0, le=MAX_PROCESSES)]
+ImageCount = Annotated[int, Field(gt=0, le=MAX_IMAGES)]
+BatchSize = Annotated[int, Field(gt=0, le=MAX_BATCH)]
+Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
+FeedForward = Annotated[int, Field(gt=0, le=MAX_FEEDFORWARD)]
+Layers = Annotated[int, Field(gt=0, le=MAX_LAYERS)]
+Heads = Annotated[int, Field(gt=0, le=MAX_HEADS)]
+Queries = Annotated[int, Field(gt=0, le=MAX_QUERIES)]
+Points = Annotated[int, Field(gt=0, le=MAX_POINTS)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -87,10 +120,12 @@ class EngineParams(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         description="Device to train on; `auto` takes cuda, then mps, then cpu."
     )
-    nproc: PositiveInt = Field(
+    nproc: ProcessCount = Field(
         description=(
             "Processes per model stage in all, over every node (the world size); > 1 runs it under "
-            "torchrun (DDP: gloo on CPU, nccl on GPU). The nodes come from the environment (VITKIT_NNODES)."
+            "torchrun (DDP: gloo on CPU, nccl on GPU). The nodes come from the environment (VITKIT_NNODES). "
+            "A model stage refuses more processes per node than the node has GPUs (on cuda) or usable "
+            "CPU cores (on cpu; one on mps): the world size shapes the results, so it is never lowered."
         )
     )
     amp: Literal["off", "cuda", "always"] = Field(
@@ -114,11 +149,15 @@ class EngineParams(Section):
         )
     )
     channels_last: bool = Field(description="channels_last memory format for image batches on CUDA.")
-    threads: NonNegInt = Field(
-        description="torch intra-op threads; 0 keeps torch's default (split between DDP processes on CPU)."
+    threads: Annotated[int, Field(ge=0, le=MAX_PROCESSES)] = Field(
+        description="torch intra-op threads per process; 0 keeps torch's default (split between DDP "
+        "processes on CPU). More than this machine's usable cores per process are lowered to them, "
+        "with a warning: the thread count changes the speed, not the results."
     )
-    num_workers: NonNegInt = Field(
-        description="DataLoader worker processes; 0 loads in the training process."
+    num_workers: Annotated[int, Field(ge=0, le=MAX_PROCESSES)] = Field(
+        description="DataLoader worker processes per training process; 0 loads in the training process. "
+        "More than this machine's usable CPU cores stop a model stage: each worker draws its own "
+        "augmentations, so the count shapes the results and is never lowered."
     )
     checkpoint_every_steps: PositiveInt = Field(
         description="Optimiser steps between resumable checkpoints (one is also written at every epoch end)."
@@ -136,9 +175,9 @@ class EngineParams(Section):
 class ShapesClassification(Section):
     """Size of the generated classification splits."""
 
-    train_per_class: PositiveInt = Field(description="Training images generated per class.")
-    val_per_class: PositiveInt = Field(description="Validation images generated per class.")
-    test_per_class: PositiveInt = Field(description="Test images generated per class.")
+    train_per_class: ImageCount = Field(description="Training images generated per class.")
+    val_per_class: ImageCount = Field(description="Validation images generated per class.")
+    test_per_class: ImageCount = Field(description="Test images generated per class.")
 
 
 class ClassificationData(Section):
@@ -172,11 +211,13 @@ class CocoSplit(Section):
 class ShapesDetection(Section):
     """Size and content of the generated detection splits."""
 
-    train_images: PositiveInt = Field(description="Training images generated.")
-    val_images: PositiveInt = Field(description="Validation images generated.")
-    test_images: PositiveInt = Field(description="Test images generated.")
-    min_objects: PositiveInt = Field(description="Fewest shapes in an image (<= max_objects).")
-    max_objects: PositiveInt = Field(description="Most shapes in an image.")
+    train_images: ImageCount = Field(description="Training images generated.")
+    val_images: ImageCount = Field(description="Validation images generated.")
+    test_images: ImageCount = Field(description="Test images generated.")
+    min_objects: Annotated[int, Field(gt=0, le=MAX_QUERIES)] = Field(
+        description="Fewest shapes in an image (<= max_objects)."
+    )
+    max_objects: Annotated[int, Field(gt=0, le=MAX_QUERIES)] = Field(description="Most shapes in an image.")
     min_object_size: Annotated[int, Field(ge=4)] = Field(
         description="Smallest shape, circumscribed diameter in pixels (<= max_object_size)."
     )
@@ -220,7 +261,7 @@ class DetectionData(Section):
 class ShapesUnlabeled(Section):
     """Size of the generated unlabelled pool."""
 
-    images: PositiveInt = Field(description="Unlabelled images generated.")
+    images: ImageCount = Field(description="Unlabelled images generated.")
 
 
 class UnlabeledData(Section):
@@ -246,7 +287,10 @@ class DataParams(Section):
         description="Shape classes of the generated data, in label order "
         "(any of circle, square, triangle, star, hexagon, cross; checked by the prepare stage)."
     )
-    workers: PositiveInt = Field(description="Processes generating the shapes data.")
+    workers: ProcessCount = Field(
+        description="Processes generating the shapes data. More than this machine's usable CPU cores are "
+        "lowered to them, with a warning: every image has its own seed, so the data does not depend on it."
+    )
     classification: ClassificationData = Field(description="The labelled classification splits.")
     detection: DetectionData = Field(description="The detection splits (COCO format).")
     unlabeled: UnlabeledData = Field(description="The unlabelled image pool for SSL pretraining.")
@@ -256,7 +300,7 @@ class OptimParams(Section):
     """AdamW + linear warmup + cosine decay, the recipe every model stage shares."""
 
     epochs: PositiveInt = Field(description="Passes over the training set.")
-    batch_size: PositiveInt = Field(description="Training images per optimiser step (per process under DDP).")
+    batch_size: BatchSize = Field(description="Training images per optimiser step (per process under DDP).")
     lr: PositiveFloat = Field(description="Peak AdamW learning rate, reached after the warmup.")
     weight_decay: NonNegFloat = Field(description="AdamW weight decay.")
     warmup_epochs: NonNegFloat = Field(
@@ -310,9 +354,9 @@ class SSLParams(OptimParams):
 
     method: Literal["mocov2", "simclr"] = Field(description="Contrastive method.")
     temperature: PositiveFloat = Field(description="Softmax temperature of the InfoNCE / NT-Xent loss.")
-    proj_dim: PositiveInt = Field(description="Output size of the projection head.")
-    hidden_dim: PositiveInt = Field(description="Hidden layer size of the projection head.")
-    queue_size: PositiveInt = Field(
+    proj_dim: FeedForward = Field(description="Output size of the projection head.")
+    hidden_dim: FeedForward = Field(description="Hidden layer size of the projection head.")
+    queue_size: Annotated[int, Field(gt=0, le=MAX_QUEUE_VALUES)] = Field(
         description="MoCo v2: negative keys kept from past batches (>= batch_size); unused by simclr."
     )
     momentum: OpenFraction = Field(description="MoCo v2: EMA momentum of the key encoder.")
@@ -328,6 +372,11 @@ class SSLParams(OptimParams):
             raise ValueError(
                 f"queue_size ({self.queue_size}) must be >= batch_size ({self.batch_size}): "
                 "MoCo's queue keeps the negatives of at least one whole batch"
+            )
+        if self.method == "mocov2" and self.queue_size * self.proj_dim > MAX_QUEUE_VALUES:
+            raise ValueError(
+                f"queue_size * proj_dim ({self.queue_size} * {self.proj_dim}) must be <= {MAX_QUEUE_VALUES}: "
+                "the queue holds that many float32 values (1 GiB at the bound; MoCo v2: 65536 * 128)"
             )
         return self
 
@@ -386,15 +435,17 @@ class DetrModelParams(Section):
     return_layer: ResNetStage = Field(
         description="ResNet stage feeding the transformer (128 px: layer3 8x8 tokens, layer4 4x4)."
     )
-    hidden_dim: PositiveInt = Field(description="Transformer width (even, a multiple of nheads).")
-    nheads: PositiveInt = Field(description="Attention heads.")
-    enc_layers: PositiveInt = Field(description="Transformer encoder layers.")
-    dec_layers: PositiveInt = Field(description="Transformer decoder layers.")
-    dim_feedforward: PositiveInt = Field(description="Hidden size of the transformer's feed-forward blocks.")
+    hidden_dim: Width = Field(description="Transformer width (even, a multiple of nheads).")
+    nheads: Heads = Field(description="Attention heads.")
+    enc_layers: Layers = Field(description="Transformer encoder layers.")
+    dec_layers: Layers = Field(description="Transformer decoder layers.")
+    dim_feedforward: FeedForward = Field(description="Hidden size of the transformer's feed-forward blocks.")
     dropout: OpenFraction = Field(description="Dropout in the transformer.")
     pre_norm: bool = Field(description="LayerNorm before (not after) each attention and feed-forward block.")
-    num_queries: PositiveInt = Field(
-        description="Object queries: one detection each per image (>= the most objects in one)."
+    num_queries: Queries = Field(
+        description="Object queries: one detection each per image (>= the most objects in one). The "
+        "decoder's self-attention holds num_queries^2 scores per head, layer and image (at the bound, "
+        "2048 queries and 8 heads: 134 MB)."
     )
     aux_loss: bool = Field(description="Set loss on every decoder layer's output, not only the last.")
     eos_coef: Fraction = Field(description="Weight of the no-object class in the classification loss.")
@@ -413,21 +464,22 @@ class DeformableModelParams(Section):
     return_layers: list[ResNetStage] = Field(
         min_length=1, description="ResNet stages feeding the multi-scale encoder."
     )
-    num_feature_levels: PositiveInt = Field(
+    num_feature_levels: Annotated[int, Field(gt=0, le=8)] = Field(
         description="Feature levels (>= len(return_layers)); extra levels are stride-2 convs on the last."
     )
-    hidden_dim: Annotated[int, Field(gt=0, multiple_of=32)] = Field(
+    hidden_dim: Annotated[int, Field(gt=0, le=MAX_WIDTH, multiple_of=32)] = Field(
         description="Transformer width (a multiple of nheads; GroupNorm(32) on the inputs)."
     )
-    nheads: PositiveInt = Field(description="Attention heads.")
-    enc_layers: PositiveInt = Field(description="Transformer encoder layers.")
-    dec_layers: PositiveInt = Field(description="Transformer decoder layers.")
-    dim_feedforward: PositiveInt = Field(description="Hidden size of the transformer's feed-forward blocks.")
+    nheads: Heads = Field(description="Attention heads.")
+    enc_layers: Layers = Field(description="Transformer encoder layers.")
+    dec_layers: Layers = Field(description="Transformer decoder layers.")
+    dim_feedforward: FeedForward = Field(description="Hidden size of the transformer's feed-forward blocks.")
     dropout: OpenFraction = Field(description="Dropout in the transformer.")
-    enc_n_points: PositiveInt = Field(description="Sampling points per head and level in the encoder.")
-    dec_n_points: PositiveInt = Field(description="Sampling points per head and level in the decoder.")
-    num_queries: PositiveInt = Field(
-        description="Object queries, the boxes predicted per image (>= the most objects in one)."
+    enc_n_points: Points = Field(description="Sampling points per head and level in the encoder.")
+    dec_n_points: Points = Field(description="Sampling points per head and level in the decoder.")
+    num_queries: Queries = Field(
+        description="Object queries, the boxes predicted per image (>= the most objects in one). The "
+        "decoder's self-attention holds num_queries^2 scores per head, layer and image."
     )
     aux_loss: bool = Field(description="Set loss on every decoder layer's output, not only the last.")
     with_box_refine: bool = Field(
@@ -471,10 +523,12 @@ class DeitParams(OptimParams):
     preset: Literal["cpu_tiny", "deit_tiny", "deit_small", "deit_base"] = Field(
         description="ViT size preset, built at the data's image size."
     )
-    patch_size: PositiveInt | None = Field(description="Patch side in pixels; null: the preset's.")
-    embed_dim: PositiveInt | None = Field(description="Token width; null: the preset's.")
-    depth: PositiveInt | None = Field(description="Transformer blocks; null: the preset's.")
-    num_heads: PositiveInt | None = Field(description="Attention heads; null: the preset's.")
+    patch_size: Annotated[int, Field(gt=0, le=1024)] | None = Field(
+        description="Patch side in pixels; null: the preset's."
+    )
+    embed_dim: Width | None = Field(description="Token width; null: the preset's.")
+    depth: Layers | None = Field(description="Transformer blocks; null: the preset's.")
+    num_heads: Heads | None = Field(description="Attention heads; null: the preset's.")
     drop_path: OpenFraction = Field(
         description="Stochastic depth of the last block (rising linearly from 0 at the first)."
     )
@@ -504,10 +558,12 @@ class DeitParams(OptimParams):
 class EvaluateParams(Section):
     """Inference and the evaluate stage's report."""
 
-    batch_size: PositiveInt = Field(
+    batch_size: BatchSize = Field(
         description="Images per batch of every inference pass (validation, features, evaluation)."
     )
-    attention_images: PositiveInt = Field(description="Test images in the DeiT attention-map figures.")
+    attention_images: Annotated[int, Field(gt=0, le=64)] = Field(
+        description="Test images in the DeiT attention-map figures (a row each)."
+    )
 
 
 class MlflowParams(Section):
@@ -521,7 +577,10 @@ class MlflowParams(Section):
 class Params(Section):
     """The whole ``params.yaml``."""
 
-    seed: NonNegInt = Field(description="Seeds data generation, sampling and initialisation.")
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = Field(
+        description="Seeds data generation, sampling and initialisation. numpy takes seeds below 2^32 and "
+        "DDP rank r seeds with seed + r, so seed + engine.nproc - 1 must stay below 2^32 too."
+    )
     engine: EngineParams = Field(description="How training runs, shared by every model stage.")
     data: DataParams = Field(description="The datasets the prepare stage writes.")
     backbone: BackboneParams = Field(description="The shared CNN backbone.")
@@ -535,6 +594,15 @@ class Params(Section):
     deit: DeitParams = Field(description="The DeiT student (distill_deit).")
     evaluate: EvaluateParams = Field(description="Inference batch size and the evaluate stage's figures.")
     mlflow: MlflowParams = Field(description="Experiment tracking.")
+
+    @model_validator(mode="after")
+    def _every_rank_seed_in_range(self) -> Params:
+        if self.seed + self.engine.nproc - 1 > MAX_SEED:
+            raise ValueError(
+                f"seed ({self.seed}) + engine.nproc ({self.engine.nproc}) - 1 must be <= {MAX_SEED}: "
+                "DDP rank r seeds numpy with seed + r, and numpy takes seeds below 2^32"
+            )
+        return self
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -564,16 +632,74 @@ def validate_params(raw: Any, source: str = "params.yaml") -> Params:
         ) from None
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read and validate a params file."""
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a YAML file holds one key twice."""
+
+
+class UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """YAML's safe loader, refusing a key that appears twice in one mapping.
+
+    PyYAML keeps the last of two equal keys without a word, so a second ``teacher:`` section
+    would silently replace the first. Keys merged in with ``<<:`` may be overridden, as YAML
+    intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key (a list): the base class reports it
+                continue
+            if first is not None:
+                raise DuplicateKeyError(
+                    f"duplicate key {key!r} on line {line} (first on line {first}); a key may appear "
+                    "once in a mapping: merge the two into one"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path | str, what: str = "params file") -> Any:
+    """Parse a YAML file (params or a profile) into Python values; any problem is one ``ConfigError``.
+
+    The path must be a regular file (a folder or a named pipe is refused before it is opened,
+    which for a pipe would wait forever), UTF-8 text, valid YAML, and free of duplicate keys.
+    """
     path = Path(path)
+    kind = non_regular_kind(path)
+    if kind == "missing":
+        raise ConfigError(f"{path}: {what} not found (run from the repository root)")
+    if kind is not None:
+        raise ConfigError(f"{path}: is {kind}, not a {what}; give the path of a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: params file not found (run from the repository root)") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {what} cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); save the {what} as UTF-8"
+        ) from None
+    stream = io.StringIO(text)
+    stream.name = str(path)  # YAML's messages name the file, not "<unicode string>"
+    try:
+        return yaml.load(stream, Loader=UniqueKeyLoader)  # a safe loader (CSafeLoader's subclass)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return validate_params(raw, str(path))
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate a params file."""
+    return validate_params(read_yaml(path), str(path))
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -605,7 +731,7 @@ def profile_overrides(name: str) -> dict[str, Any]:
     if not path.is_file():
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown profile {name!r}; known profiles: {known}")
-    return yaml.safe_load(path.read_text()) or {}
+    return read_yaml(path, "profile") or {}
 
 
 # ------------------------------------------------------------------ the params reference
@@ -745,7 +871,7 @@ def _section_text(model: type[BaseModel]) -> str:
 def params_reference(params_path: Path | str = "params.yaml") -> str:
     """Markdown reference of every params key, generated from the schema; defaults from ``params_path``."""
     load_params(params_path)  # a reference of an invalid file would document wrong defaults
-    raw = yaml.safe_load(Path(params_path).read_text())
+    raw = read_yaml(params_path)
     lines = [
         "# Params reference",
         "",
@@ -753,8 +879,17 @@ def params_reference(params_path: Path | str = "params.yaml") -> str:
         "",
         "Every key of `params.yaml`, the only source of default values. Every key is required: "
         "`python -m vitkit.config check` (and every stage, before it starts) rejects a missing or "
-        "unknown key, a wrong type or a value outside *allowed*. Profiles in `profiles/` override "
-        "some of the defaults below.",
+        "unknown key, a wrong type or a value outside *allowed*, and a key written twice in one "
+        "mapping (with both line numbers). Profiles in `profiles/` override some of the defaults below.",
+        "",
+        "The upper bounds are sanity bounds, far above any machine or published model, so that a typo "
+        "such as `1e9` is refused before anything allocates; whether a size fits a machine's memory is "
+        "not checked. Counts are also checked against the machine a stage runs on, when it starts "
+        "(`vitkit/engine/device.py`): a model stage refuses more processes per node than the node has "
+        "GPUs (cuda) or usable CPU cores (cpu) in `engine.nproc`, and more `engine.num_workers` than "
+        "usable cores, as both shape the results and are never lowered; `engine.threads` and "
+        "`data.workers` only change the speed and are lowered to the cores, with a warning. Usable "
+        "cores are those the process may run on (its CPU affinity, a container's CPU quota).",
     ]
     table_head = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     top_level = [(n, f) for n, f in Params.model_fields.items() if not _is_section(f.annotation)]

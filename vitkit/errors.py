@@ -33,3 +33,11 @@ class TrainingError(VitkitError):
 
 class RemoteError(VitkitError):
     """The DVC remote results are shared through cannot be used."""
+
+
+class CheckpointError(VitkitError):
+    """A checkpoint or weights file cannot be read (truncated, empty, corrupt or not weights)."""
+
+
+class OutputError(VitkitError):
+    """An output or state folder cannot be written (read-only, not a folder, disk full)."""

@@ -126,6 +126,15 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
             raise TrackingError(f"MLflow database folder {db.parent} does not exist or is not writable")
+        # sqlite opens a read-only database without complaint and fails at the first write: the
+        # run's start, or its last log after the training
+        artifacts = db.parent / "mlartifacts"
+        for path, what in ((db, "MLflow database"), (artifacts, "MLflow artifact folder")):
+            if path.exists() and not os.access(path, os.W_OK):
+                raise TrackingError(
+                    f"{what} {path} is not writable: make it writable (chmod u+w {path}) or set "
+                    "MLFLOW_TRACKING_URI to another store"
+                )
     try:
         with _one_quick_try():
             MlflowClient(uri).search_experiments(max_results=1)

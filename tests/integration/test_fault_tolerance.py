@@ -246,11 +246,9 @@ def test_a_stage_dying_after_its_last_epoch_only_publishes_when_run_again(tmp_pa
     finally:
         (repo / "artifacts/teacher").chmod(0o755)
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert refused.stderr.strip().splitlines() == [
-        f"error: [train_teacher] may not write {repo / 'artifacts/teacher'} (Permission denied); give this "
-        "user write access to it and its folder, then run the stage again (a finished training is kept in "
-        "its checkpoint and only published again)"
-    ]
+    (line,) = refused.stderr.strip().splitlines()
+    folder = repo / "artifacts/teacher"
+    assert line.startswith(f"error: [train_teacher] cannot write to {folder} (Permission denied)"), line
     assert not load_checkpoint(checkpoint)["finished"]
     rerun, readonly_wall, readonly_cpu = timed(stage("train_teacher"), repo)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import typing
@@ -11,6 +13,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from vitkit import config
 from vitkit.config import (
     DOCS_COMMAND,
     Params,
@@ -19,6 +22,7 @@ from vitkit.config import (
     load_params,
     params_reference,
     profile_overrides,
+    read_yaml,
     validate_params,
 )
 from vitkit.errors import ConfigError
@@ -146,6 +150,26 @@ def test_deep_merge_keeps_sibling_keys():
         (("deit", "mixup"), -0.1, "deit.mixup: Input should be greater than or equal to 0"),
         (("deit", "preset"), "vit_huge", "deit.preset: Input should be 'cpu_tiny', 'deit_tiny'"),
         (("deit", "repeated_aug"), 0, "deit.repeated_aug: Input should be greater than 0"),
+        # sanity bounds: what no machine or model comes near, refused before anything allocates
+        (("seed",), 2**32, "seed: Input should be less than or equal to 4294967295"),
+        (("seed",), -1, "seed: Input should be greater than or equal to 0"),
+        (("engine", "nproc"), 100_000, "engine.nproc: Input should be less than or equal to 1024"),
+        (("engine", "threads"), 100_000, "engine.threads: Input should be less than or equal to 1024"),
+        (("engine", "num_workers"), 100_000, "engine.num_workers: Input should be less than or equal"),
+        (("data", "workers"), 100_000, "data.workers: Input should be less than or equal to 1024"),
+        (("detr", "num_queries"), 1e9, "detr.num_queries: Input should be less than or equal to 2048"),
+        (("detr", "num_queries"), "1e9", "detr.num_queries: Input should be a valid integer"),
+        (("deformable", "num_queries"), 10**6, "deformable.num_queries: Input should be less than or equal"),
+        (("detr", "hidden_dim"), 2**20, "detr.hidden_dim: Input should be less than or equal to 4096"),
+        (("detr", "dec_layers"), 1000, "detr.dec_layers: Input should be less than or equal to 64"),
+        (("deit", "embed_dim"), 10**6, "deit.embed_dim: Input should be less than or equal to 4096"),
+        (("ssl", "proj_dim"), 10**6, "ssl.proj_dim: Input should be less than or equal to 16384"),
+        (("teacher", "batch_size"), 10**9, "teacher.batch_size: Input should be less than or equal to 65536"),
+        (
+            ("data", "classification", "shapes", "train_per_class"),
+            10**9,
+            "train_per_class: Input should be less than or equal to 1000000",
+        ),
     ],
 )
 def test_bad_value_names_file_key_and_what_is_allowed(path, value, expected):
@@ -210,3 +234,90 @@ def test_moco_queue_must_hold_a_batch():
         validate_params(raw, "params.yaml")
     raw["ssl"]["method"] = "simclr"  # SimCLR has no queue: the key is ignored
     validate_params(raw, "params.yaml")
+
+
+def test_seeds_of_every_ddp_rank_stay_in_numpys_range():
+    """Rank r seeds numpy with seed + r, and numpy takes seeds below 2**32."""
+    raw = default_raw()
+    raw["seed"], raw["engine"]["nproc"] = 2**32 - 1, 1
+    validate_params(raw)
+    raw["engine"]["nproc"] = 4
+    with pytest.raises(ConfigError) as info:
+        validate_params(raw)
+    assert "seed (4294967295) + engine.nproc (4) - 1 must be <= 4294967295" in str(info.value)
+
+
+def test_mocos_queue_is_bounded_by_its_memory():
+    raw = default_raw()
+    raw["ssl"].update(method="mocov2", queue_size=2**20, proj_dim=1024)
+    with pytest.raises(ConfigError, match=r"queue_size \* proj_dim \(1048576 \* 1024\) must be <= 268435456"):
+        validate_params(raw)
+
+
+def _params_text(**replace: str) -> str:
+    text = (ROOT / "params.yaml").read_text()
+    for old, new in replace.items():
+        assert old in text
+        text = text.replace(old, new, 1)
+    return text
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        # a second section would silently replace the first
+        ({"mlflow:\n": "teacher: {epochs: 1}\nmlflow:\n"}, "duplicate key 'teacher' on line"),
+        ({"  epochs: 12\n": "  epochs: 12\n  epochs: 13\n"}, "duplicate key 'epochs' on line"),
+        ({"train_scales: [128]": "train_scales: [128]\n  crop: false"}, "duplicate key 'crop' on line"),
+        ({"{images: 10000}": "{images: 10000, images: 5}"}, "duplicate key 'images' on line"),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused_with_their_lines(tmp_path, edit, expected):
+    text = _params_text(**edit)
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_params(bad)
+    message = str(info.value)
+    assert message.startswith(f"{bad}: {expected}")
+    first, second = (int(n) for n in re.findall(r"line (\d+)", message))
+    key = expected.split("'")[1]
+    lines = text.splitlines()
+    assert f"{key}:" in lines[second - 1] and f"{key}:" in lines[first - 1]
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n")
+    assert read_yaml(merged) == {"base": {"x": 1, "y": 2}, "other": {"x": 1, "y": 3}}
+
+
+def test_a_profile_with_a_duplicate_key_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "PROFILES_DIR", tmp_path)
+    (tmp_path / "twice.yaml").write_text("teacher:\n  epochs: 1\nteacher:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        profile_overrides("twice")
+    assert "twice.yaml: duplicate key 'teacher' on line 3 (first on line 1)" in str(info.value)
+
+
+def test_a_params_file_that_is_not_utf8_a_folder_or_a_pipe_is_one_error_line(tmp_path):
+    """Checked from the command line: a named pipe must be refused unopened, never waited on."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("seed: 0\nmlflow: {experiment: caf\u00e9}\n".encode("latin-1"))
+    os.mkfifo(tmp_path / "pipe.yaml")
+    cases = {
+        latin1: f"{latin1}: not UTF-8 text (byte 0xe9 on line 2); save the params file as UTF-8",
+        tmp_path: f"{tmp_path}: is a folder, not a params file",
+        tmp_path / "pipe.yaml": f"{tmp_path}/pipe.yaml: is a named pipe (FIFO), not a params file",
+    }
+    for path, expected in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "vitkit.config", "check", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"error: {expected}")
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

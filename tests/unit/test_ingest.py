@@ -1,6 +1,7 @@
 """Validation and ingestion of user ImageFolder and COCO data: every bad case names its entry."""
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -109,7 +110,35 @@ BAD_FOLDERS = {
         lambda root: (shutil.rmtree(root / "val"), _write_image(root / "val" / "x.png", (8, 8))),
         "split 'val' has no class folders",
     ),
+    # opening a named pipe would wait for a writer forever: refused unopened
+    "named pipe in a class folder": (
+        lambda root: os.mkfifo(root / "train" / "cat" / "pipe.png"),
+        "train/cat/pipe.png: a named pipe (FIFO), not an image file",
+    ),
+    # the rule COCO file_names follow: nothing is read from outside the root
+    "image linked from outside the root": (
+        lambda root: _link_outside(root / "train" / "cat" / "link.png", root.parent / "outside.png"),
+        "train/cat/link.png: symbolic link to",
+    ),
+    "class folder linked from outside the root": (
+        lambda root: _link_outside(root / "val" / "dog", root.parent / "elsewhere", folder=True),
+        "val/dog: symbolic link to",
+    ),
+    "32-bit float image": (
+        lambda root: Image.fromarray(np.zeros((8, 8), np.float32)).save(root / "train" / "cat" / "f.tiff"),
+        "train/cat/f.tiff: 32-bit float pixels (mode F), whose range is not defined",
+    ),
 }
+
+
+def _link_outside(link: Path, target: Path, folder: bool = False) -> None:
+    """``link`` becomes a symbolic link to ``target``, a good image (or a folder of one) outside the root."""
+    if folder:
+        shutil.rmtree(link)
+        _write_image(target / "e.png", (8, 8))
+    else:
+        _write_image(target, (8, 8))
+    link.symlink_to(target)
 
 
 @pytest.mark.parametrize("case", BAD_FOLDERS)
@@ -120,6 +149,64 @@ def test_bad_imagefolder_is_reported_by_entry(folder, case):
         validate_imagefolder(folder, SPLITS)
     assert expected in str(info.value)
     assert "<root>/<split>/<class>/<image>" in str(info.value)  # says what to do
+    if "outside the root" in case:
+        assert "outside the root" in str(info.value)
+
+
+def test_links_inside_the_root_are_followed(folder):
+    (folder / "train" / "cat" / "again.png").symlink_to(folder / "val" / "cat" / "a.png")
+    index = validate_imagefolder(folder, SPLITS)
+    assert ("train/cat/again.png", 0) in index.samples["train"]
+
+
+def _gradient16(path: Path, alpha: bool = False) -> np.ndarray:
+    """A 16-bit grey horizontal ramp 0..65535 (the case Pillow's own conversion clips almost white)."""
+    ramp = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (32, 1))
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as image:
+        assert image.mode == "I;16"
+    return ramp
+
+
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path, capsys):
+    src = tmp_path / "pool"
+    src.mkdir()
+    ramp = _gradient16(src / "ramp.png")
+    ingest.ingest_image_dir(src, tmp_path / "out", image_size=256)
+    with Image.open(tmp_path / "out" / "images" / "000000.png") as image:
+        pixels = np.asarray(image)
+    assert pixels.dtype == np.uint8 and pixels.shape == (256, 256, 3)
+    expected = (ramp[0].astype(np.float64) / 257).mean()  # 65535 -> 255
+    assert abs(pixels.mean() - expected) < 1.0  # not near-white (the bug: mean 254.4)
+    assert len(np.unique(pixels)) > 200 and pixels.min() <= 1 and pixels.max() >= 254
+    assert f"Image folder {src}: 1 16-bit image(s) scaled to 8 bits" in capsys.readouterr().out
+
+
+def test_transparency_is_composited_over_black_and_counted(tmp_path, capsys):
+    src = tmp_path / "pool"
+    src.mkdir()
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = 255  # white everywhere, stored
+    rgba[:, :4, 3] = 255  # opaque on the left, fully transparent on the right
+    Image.fromarray(rgba, "RGBA").save(src / "a.png")
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 255, 255, 255])
+    palette.save(src / "b.png", transparency=1)  # a palette colour marked transparent
+    ingest.ingest_image_dir(src, tmp_path / "out", image_size=8)
+    with Image.open(tmp_path / "out" / "images" / "000000.png") as image:
+        pixels = np.asarray(image).astype(int)
+    assert (pixels[:, :3] >= 250).all() and (pixels[:, 5:] <= 5).all()  # transparent became black
+    with Image.open(tmp_path / "out" / "images" / "000001.png") as image:
+        assert np.asarray(image).max() <= 5
+    assert "2 image(s) with transparency composited over black" in capsys.readouterr().out
+
+
+def test_to_rgb_leaves_plain_images_alone():
+    image = Image.new("RGB", (4, 4), (10, 20, 30))
+    rgb, note = ingest.to_rgb(image)
+    assert note is None and rgb.getpixel((0, 0)) == (10, 20, 30)
+    grey, note = ingest.to_rgb(Image.new("L", (4, 4), 77))
+    assert note is None and grey.mode == "RGB" and grey.getpixel((0, 0)) == (77, 77, 77)
 
 
 def test_missing_imagefolder_root(tmp_path):
@@ -316,6 +403,24 @@ BAD_COCO = {
         "images[0] (id 1): file_name 'link.png' resolves to",
     ),
     "missing image file": (_set("images", 2, file_name="sub/nope.png"), "images[2] (id 7): image file"),
+    "image file is a named pipe": (
+        lambda f, root: (os.mkfifo(root / "pipe.png"), _set("images", 1, file_name="pipe.png")(f, root)),
+        "images[1] (id 2): ",
+    ),
+    "category_id true": (
+        _set("annotations", 0, category_id=True),
+        "annotations[0] (id 1): category_id must be an integer, got True",
+    ),
+    "category_id 1.0": (
+        _set("annotations", 0, category_id=1.0),
+        "annotations[0] (id 1): category_id must be an integer, got 1.0",
+    ),
+    "image_id true": (_set("annotations", 0, image_id=True), "annotations[0] (id 1): image_id True is not"),
+    "category id 2e9": (
+        _set("categories", 1, id=2_000_000_000),
+        "categories[1] (id 2000000000): ids must be in [0, 9999]",
+    ),
+    "negative category id": (_set("categories", 0, id=-1), "categories[0] (id -1): ids must be in [0, 9999]"),
     "corrupt image": (lambda f, root: _truncated_png(root / "a.png"), "images[0] (id 1): "),
     "size mismatch": (_set("images", 2, width=101), "images[2] (id 7): "),
 }
@@ -325,6 +430,8 @@ BAD_COCO_DETAIL = {
     "missing image file": "does not exist",
     "file_name escaping with ..": "outside the image root",
     "file_name escaping via symlink": "outside the image root",
+    "image file is a named pipe": "is a named pipe (FIFO), not an image file",
+    "category id 2e9": "class indices",
 }
 
 
@@ -383,3 +490,47 @@ def test_bad_image_dir_is_reported_by_entry(tmp_path, corrupt, expected):
         ingest.ingest_image_dir(src, tmp_path / "out", image_size=16)
     assert expected in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pool"]
+
+
+def test_a_named_pipe_or_a_link_outside_an_image_folder_is_refused_unopened(tmp_path):
+    src = tmp_path / "pool"
+    _write_image(src / "x.jpg", (30, 20), fmt="JPEG")
+    os.mkfifo(src / "pipe.jpg")
+    _write_image(tmp_path / "outside.png", (8, 8))
+    (src / "link.png").symlink_to(tmp_path / "outside.png")
+    with pytest.raises(DataError, match="2 problems") as info:
+        ingest.ingest_image_dir(src, tmp_path / "out", image_size=16)
+    message = str(info.value)
+    assert f"{src / 'pipe.jpg'}: a named pipe (FIFO), not an image file" in message
+    assert f"{src / 'link.png'}: symbolic link to {tmp_path / 'outside.png'}, outside the root" in message
+
+
+# --------------------------------------------------------------------------- categories across splits
+
+
+def _split(categories: list[tuple[int, str]], annotated: list[int]) -> dict:
+    """A validated COCO dict with these categories and one annotation per id in ``annotated``."""
+    return {
+        "categories": [{"id": i, "name": n} for i, n in categories],
+        "annotations": [{"id": k, "image_id": 1, "category_id": c} for k, c in enumerate(annotated)],
+        "images": [{"id": 1}],
+    }
+
+
+def test_val_and_test_may_only_use_the_categories_train_learns():
+    train = _split([(1, "ring"), (2, "box"), (3, "star")], [1, 2, 3, 3])
+    val = _split([(1, "ring"), (3, "star")], [1, 3])
+    ingest.check_coco_splits({"train": train, "val": val, "test": train})
+    bad = {
+        "train": _split([(1, "ring"), (2, "box"), (3, "star")], [1, 2]),  # star declared, never annotated
+        "val": _split([(1, "ring"), (7, "zebra")], [1, 7, 7]),
+        "test": _split([(2, "crate"), (3, "star")], [2, 3]),
+    }
+    with pytest.raises(DataError) as info:
+        ingest.check_coco_splits(bad)
+    message = str(info.value)
+    assert "3 problems" in message
+    assert "val categories[1] (id 7, 'zebra'): not a category of the train split (its ids: [1..3])" in message
+    assert "test categories[0] (id 2): named 'crate', but 'box' in the train split" in message
+    assert "test: 1 annotation(s) of category 3 ('star'), which no train annotation has" in message
+    assert "The model learns the categories of the train split" in message

@@ -15,6 +15,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.readonly import read_only
 from vitkit import tracking
 from vitkit.errors import TrackingError
 
@@ -60,6 +61,20 @@ def test_unwritable_sqlite_folder_is_reported(tmp_path):
         tracking.check_reachable(f"sqlite:///{tmp_path}/missing/mlflow.db")
 
 
+def test_a_read_only_database_or_artifact_folder_is_reported_before_any_run(repo):
+    """sqlite opens a read-only database quietly and fails at the first write, after the training."""
+    uri = tracking.tracking_uri(repo)
+    tracking.open_experiment(uri, "exp", repo)
+    (repo / "mlartifacts").mkdir(exist_ok=True)
+    cases = {repo / "mlflow.db": "MLflow database", repo / "mlartifacts": "MLflow artifact folder"}
+    for path, what in cases.items():
+        with read_only(path), pytest.raises(TrackingError) as info:
+            tracking.check_reachable(uri)
+        assert str(info.value).startswith(f"{what} {path} is not writable")
+        assert "MLFLOW_TRACKING_URI" in str(info.value)
+    tracking.check_reachable(uri)
+
+
 def test_stage_run_is_a_tagged_child_of_the_flow_run_with_per_epoch_metrics(repo, monkeypatch):
     uri = tracking.tracking_uri(repo)
     experiment_id = tracking.open_experiment(uri, "exp", repo)
@@ -99,6 +114,7 @@ def test_failed_stage_marks_its_run_failed_and_an_interrupted_one_killed(repo):
 KILLED_STAGE = """
 import os, signal, sys
 from pathlib import Path
+from tests.readonly import read_only
 from vitkit import tracking
 with tracking.stage_run("train_x", Path(sys.argv[1]), "exp", {}) as run:
     print(run.run_id, flush=True)

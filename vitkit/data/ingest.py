@@ -8,23 +8,43 @@ Ingestion writes the same layouts the shapes generator writes, so every later
 stage reads user data and synthetic data through one code path. Outputs are
 built in a temporary directory beside the target and renamed into place: a
 failure leaves nothing behind and an existing output untouched.
+
+What is read, and how it becomes 8-bit RGB:
+
+- Only regular files are read from an input folder; a named pipe, socket or
+  device is refused with its path (opening a pipe would wait forever), and so
+  is an entry that resolves outside its root through a symbolic link: the same
+  rule for ImageFolder trees, image folders and COCO ``file_name``s.
+- 16-bit images (PNG, TIFF) are scaled to 8 bits (0..65535 to 0..255); 32-bit
+  integer and float images are refused, as their range is not defined.
+- Transparency (an alpha channel, or a palette or tRNS transparent colour) is
+  composited over black: a fully transparent pixel becomes black whatever
+  colour it stored. Both conversions are counted in one line on stdout.
+- COCO category ids are class indices (the class head has ``max id + 1``
+  outputs), so they must be integers in ``[0, MAX_CATEGORY_ID]``; the val and
+  test splits may only use categories the train split declares and annotates.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
+from vitkit.config import MAX_CATEGORY_ID
 from vitkit.errors import DataError
-from vitkit.io import atomic_dir
+from vitkit.io import atomic_dir, non_regular_kind
 
 MAX_LISTED = 5  # offending entries quoted in one error message
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (rounding in annotation tools)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+UNDEFINED_RANGE_MODES = {"I": "32-bit integer", "F": "32-bit float"}
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -51,22 +71,84 @@ class _Problems:
 def _probe_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """``((width, height), None)`` for a decodable image, else ``(None, reason)``.
 
-    ``verify()`` catches broken structure cheaply but not truncated pixel data,
-    so the image is also fully decoded.
+    Anything but a regular file is refused unopened. ``verify()`` catches broken
+    structure cheaply but not truncated pixel data, so the image is also fully decoded.
     """
+    kind = non_regular_kind(path)
+    if kind is not None:
+        return None, f"{kind}, not an image file; remove it"
     try:
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
             image.load()
+            if image.mode in UNDEFINED_RANGE_MODES:
+                return None, (
+                    f"{UNDEFINED_RANGE_MODES[image.mode]} pixels (mode {image.mode}), whose range is not "
+                    "defined; save it with 8 or 16 bits per channel"
+                )
             return image.size, None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return None, f"not a readable image ({type(exc).__name__}: {exc})"
 
 
+def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """``image`` as 8-bit RGB, and what was done beyond a plain conversion (``16-bit``, ``alpha``).
+
+    16-bit grey is scaled to 8 bits (65535 -> 255; Pillow's own conversion clips it to 255, which
+    turns most of an image white); 16-bit colour PNGs already arrive scaled from Pillow.
+    Transparency is composited over black.
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.uint32)
+        scaled = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB"), "16-bit"
+    if image.mode in UNDEFINED_RANGE_MODES:
+        raise ValueError(f"{UNDEFINED_RANGE_MODES[image.mode]} pixels (mode {image.mode}) are not supported")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB"), "alpha"
+    return image.convert("RGB"), None
+
+
+class _Conversions:
+    """Counts the images ``to_rgb`` did more than convert, reported in one line per dataset."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def rgb(self, path: Path) -> Image.Image:
+        try:
+            with Image.open(path) as image:
+                rgb, note = to_rgb(image)
+        except (OSError, ValueError) as exc:  # validated before; a file changed since, or a rare mode
+            raise DataError(f"{path}: cannot be converted to RGB ({type(exc).__name__}: {exc})") from None
+        if note:
+            self.counts[note] += 1
+        return rgb
+
+    def report(self, subject: str) -> None:
+        done = []
+        if self.counts["16-bit"]:
+            done.append(f"{self.counts['16-bit']} 16-bit image(s) scaled to 8 bits")
+        if self.counts["alpha"]:
+            done.append(f"{self.counts['alpha']} image(s) with transparency composited over black")
+        if done:
+            print(f"{subject}: {'; '.join(done)}", flush=True)
+
+
 def _visible_entries(folder: Path) -> list[Path]:
     """Entries of a folder, sorted, without hidden ones (.DS_Store, .ipynb_checkpoints, ...)."""
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _escapes(path: Path, root: Path) -> str | None:
+    """Why ``path`` may not be read as part of ``root`` (a link resolving outside it), or None."""
+    target = path.resolve()
+    if target.is_relative_to(root.resolve()):
+        return None
+    return f"symbolic link to {target}, outside the root {root.resolve()}; copy the file into the root"
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
@@ -111,10 +193,18 @@ def validate_imagefolder(root: Path, splits: Sequence[str]) -> ImageFolderIndex:
         if not split_dir.is_dir():
             problems.add(f"{split_dir}: split folder '{split}' is missing")
             continue
+        if escape := _escapes(split_dir, root):
+            problems.add(f"{split_dir}: {escape}")
+            continue
         entries = _visible_entries(split_dir)
-        class_dirs[split] = [p for p in entries if p.is_dir()]
-        for loose in (p for p in entries if not p.is_dir()):
-            problems.add(f"{loose}: file directly in the split folder; move it into <split>/<class>/")
+        class_dirs[split] = []
+        for entry in entries:
+            if not entry.is_dir():
+                problems.add(f"{entry}: file directly in the split folder; move it into <split>/<class>/")
+            elif escape := _escapes(entry, root):
+                problems.add(f"{entry}: {escape}")
+            else:
+                class_dirs[split].append(entry)
         if not class_dirs[split]:
             problems.add(f"{split_dir}: split '{split}' has no class folders")
 
@@ -140,6 +230,9 @@ def validate_imagefolder(root: Path, splits: Sequence[str]) -> ImageFolderIndex:
                         f"{path}: nested folder inside a class folder; images must sit directly in it"
                     )
                     continue
+                if escape := _escapes(path, root):
+                    problems.add(f"{path}: {escape}")
+                    continue
                 _, reason = _probe_image(path)
                 if reason:
                     problems.add(f"{path}: {reason}")
@@ -158,6 +251,7 @@ def ingest_imagefolder(root: Path, out_dir: Path, splits: Sequence[str], image_s
     """
     index = validate_imagefolder(root, splits)
     written: dict[str, list[tuple[str, int]]] = {}
+    conversions = _Conversions()
     with atomic_dir(out_dir) as tmp:
         for split, items in index.samples.items():
             written[split] = []
@@ -167,10 +261,11 @@ def ingest_imagefolder(root: Path, out_dir: Path, splits: Sequence[str], image_s
                 class_dir.mkdir(parents=True, exist_ok=True)
                 rel_out = f"{split}/{index.classes[label]}/{counters[label]:06d}.png"
                 counters[label] += 1
-                with Image.open(index.root / rel_path) as image:
-                    resized = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+                rgb = conversions.rgb(index.root / rel_path)
+                resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
                 _save_png(resized, tmp / rel_out)
                 written[split].append((rel_out, label))
+    conversions.report(f"ImageFolder {root}")
     return ImageFolderIndex(root=Path(out_dir), classes=index.classes, samples=written)
 
 
@@ -186,6 +281,9 @@ def validate_image_dir(images_dir: Path) -> list[Path]:
     for path in _visible_entries(images_dir):
         if path.is_dir():
             problems.add(f"{path}: sub-folder; put every image directly in {images_dir}")
+            continue
+        if escape := _escapes(path, images_dir):
+            problems.add(f"{path}: {escape}")
             continue
         _, reason = _probe_image(path)
         if reason:
@@ -206,12 +304,13 @@ def ingest_image_dir(images_dir: Path, out_dir: Path, image_size: int) -> int:
     Returns the number of images written.
     """
     paths = validate_image_dir(images_dir)
+    conversions = _Conversions()
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for i, path in enumerate(paths):
-            with Image.open(path) as image:
-                resized = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+            resized = conversions.rgb(path).resize((image_size, image_size), Image.Resampling.BICUBIC)
             _save_png(resized, tmp / "images" / f"{i:06d}.png")
+    conversions.report(f"Image folder {images_dir}")
     return len(paths)
 
 
@@ -241,8 +340,13 @@ def _describe_ids(ids: Sequence[int]) -> str:
 
 def _load_coco_json(annotation_file: Path) -> dict:
     """Parse the file and check its top-level structure; anything wrong here is fatal at once."""
-    if not annotation_file.is_file():
+    kind = non_regular_kind(annotation_file)
+    if kind == "missing":
         raise DataError(f"COCO annotation file {annotation_file} does not exist. Check the annotations path.")
+    if kind is not None:
+        raise DataError(
+            f"COCO annotation file {annotation_file} is {kind}, not a file. Check the annotations path."
+        )
     try:
         data = json.loads(annotation_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -275,6 +379,12 @@ def _check_categories(categories: list, problems: _Problems) -> set[int]:
     for i, cat in enumerate(categories):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
             problems.add(f"categories[{i}]: needs an integer 'id' and a string 'name', got {cat!r:.80}")
+            continue
+        if not 0 <= cat["id"] <= MAX_CATEGORY_ID:
+            problems.add(
+                f"categories[{i}] (id {cat['id']}): ids must be in [0, {MAX_CATEGORY_ID}]: they are class "
+                f"indices, and the class head gets max id + 1 outputs; renumber the categories from 0 or 1"
+            )
             continue
         if cat["id"] in seen:
             problems.add(
@@ -315,8 +425,12 @@ def _check_images(images: list, image_root: Path, problems: _Problems) -> dict[i
         if not path.is_relative_to(root):
             problems.add(f"{where}: file_name '{name}' resolves to {path}, outside the image root {root}")
             continue
-        if not path.is_file():
+        kind = non_regular_kind(path)
+        if kind == "missing":
             problems.add(f"{where}: image file {path} does not exist")
+            continue
+        if kind is not None:
+            problems.add(f"{where}: {path} is {kind}, not an image file")
             continue
         actual, reason = _probe_image(path)
         if reason:
@@ -350,9 +464,11 @@ def _check_annotations(
         image_id, category_id, bbox = ann.get("image_id"), ann.get("category_id"), ann.get("bbox")
         if ann.get("iscrowd", 0) not in (0, 1):
             problems.add(f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}")
-        if image_id not in image_ids:
+        if not _is_int(image_id) or image_id not in image_ids:
             problems.add(f"{where}: image_id {image_id!r} is not the id of any image")
-        if category_id not in category_ids:
+        if not _is_int(category_id):
+            problems.add(f"{where}: category_id must be an integer, got {category_id!r:.40}")
+        elif category_id not in category_ids:
             problems.add(
                 f"{where}: category_id {category_id!r} is not in categories {_describe_ids(category_ids)}"
             )
@@ -403,6 +519,7 @@ def ingest_coco(annotation_file: Path, image_root: Path, out_dir: Path, max_size
     data = validate_coco(annotation_file, image_root)
     scales: dict[int, tuple[float, float, int, int]] = {}  # id -> (sx, sy, new width, new height)
     images_out = []
+    conversions = _Conversions()
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for position, img in enumerate(data["images"]):
@@ -410,11 +527,10 @@ def ingest_coco(annotation_file: Path, image_root: Path, out_dir: Path, max_size
             scale = min(1.0, max_size / max(width, height)) if max_size else 1.0
             new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
             file_name = f"{position:06d}.png"
-            with Image.open(image_root / img["file_name"]) as image:
-                image = image.convert("RGB")
-                if (new_w, new_h) != (width, height):
-                    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-                _save_png(image, tmp / "images" / file_name)
+            image = conversions.rgb(image_root / img["file_name"])
+            if (new_w, new_h) != (width, height):
+                image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            _save_png(image, tmp / "images" / file_name)
             scales[img["id"]] = (new_w / width, new_h / height, width, height)
             images_out.append({"id": img["id"], "file_name": file_name, "width": new_w, "height": new_h})
         annotations_out = []
@@ -441,4 +557,46 @@ def ingest_coco(annotation_file: Path, image_root: Path, out_dir: Path, max_size
         ]
         out = {"images": images_out, "annotations": annotations_out, "categories": categories}
         (tmp / "annotations.json").write_text(json.dumps(out))
+    conversions.report(f"COCO images of {annotation_file}")
     return out
+
+
+def check_coco_splits(splits: dict[str, dict], reference: str = "train") -> None:
+    """The categories of every other split against ``reference``'s (validated COCO dicts by split).
+
+    The model's class head is built from the train split's categories and learns only those it
+    sees annotated; a val or test category it does not know, a name that differs for one id, or
+    annotations of a category train never annotates would score classes the model never learned.
+    All such problems are raised as one ``DataError``.
+    """
+    ref = splits[reference]
+    ref_names = {c["id"]: c["name"] for c in ref["categories"]}
+    ref_used = {a["category_id"] for a in ref["annotations"]}
+    problems = _Problems()
+    for split, data in splits.items():
+        if split == reference:
+            continue
+        for i, cat in enumerate(data["categories"]):
+            if cat["id"] not in ref_names:
+                problems.add(
+                    f"{split} categories[{i}] (id {cat['id']}, {cat['name']!r}): not a category of the "
+                    f"{reference} split (its ids: {_describe_ids(ref_names)})"
+                )
+            elif cat["name"] != ref_names[cat["id"]]:
+                problems.add(
+                    f"{split} categories[{i}] (id {cat['id']}): named {cat['name']!r}, but "
+                    f"{ref_names[cat['id']]!r} in the {reference} split"
+                )
+        used = Counter(a["category_id"] for a in data["annotations"])
+        for category_id in sorted(set(used) - ref_used):
+            if category_id in ref_names:
+                problems.add(
+                    f"{split}: {used[category_id]} annotation(s) of category {category_id} "
+                    f"({ref_names[category_id]!r}), which no {reference} annotation has"
+                )
+    problems.raise_if_any(
+        f"The COCO splits' categories ({', '.join(splits)})",
+        f"The model learns the categories of the {reference} split; val and test may only use those, "
+        f"under the same names, and only ones {reference} annotates. Remove the other categories and "
+        f"their annotations from val/test, or add {reference} examples of them.",
+    )

@@ -11,8 +11,6 @@ wipe out a 32 px image, which is why SimCLR drops blur on CIFAR altogether.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from vitkit.config import SSLAugmentation
+from vitkit.io import atomic_path
 
 BLUR_SIGMA = (0.1, 1.0)
 # maps [0, 1] to [-1, 1]; exact dataset statistics matter little since a BN follows conv1
@@ -116,13 +115,5 @@ def plot_view_pairs(images: torch.Tensor, two_views: TwoViews, out_png: str | Pa
     for row, title in enumerate(["original", "view 1", "view 2"]):
         axes[row][0].set_ylabel(title)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out_png)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(Path(out_png)) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")

@@ -6,21 +6,33 @@ the per-epoch history so far and every process's RNG states (so the
 augmentations after a resume are the ones the uninterrupted run would have
 drawn). A fingerprint of
 the training params guards against resuming a run whose params changed.
+
+A file that cannot be read (truncated, empty, not a torch file, or holding
+objects other than tensors and plain containers, which ``weights_only`` refuses
+to unpickle because that could run code) is a ``CheckpointError``: one line that
+names the file and what to do with it, never torch's advice to load it with
+``weights_only=False``.
 """
 
 from __future__ import annotations
 
 import io
 import random
+import re
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vitkit.io import atomic_path
+from vitkit.errors import CheckpointError, VitkitError
+from vitkit.io import atomic_path, non_regular_kind
 
 CHECKPOINT_NAME = "last.pt"
+# what every checkpoint the trainer writes holds; a file without them is not one of ours
+CHECKPOINT_KEYS = ("fingerprint", "model")
 
 
 def seed_everything(seed: int) -> None:
@@ -71,12 +83,78 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+def _why_unreadable(exc: BaseException, path: Path) -> str:
+    """What is wrong with a file ``torch.load(weights_only=True)`` refused, in a few words.
+
+    torch's own messages run to several lines and suggest ``weights_only=False`` or
+    allow-listing the offending global, either of which would run what the file carries.
+    """
+    text = str(exc)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return (
+            f"it refers to {refused.group(1)}, which is code, not weights: refused, since loading "
+            "it could run that code"
+        )
+    if isinstance(exc, EOFError):
+        return "it is empty" if path.stat().st_size == 0 else "it ends too early (truncated)"
+    if "central directory" in text or "zip archive" in text:
+        return "it is truncated or corrupt (not a complete torch zip archive)"
+    if "WeightsUnpickler" in text or "Weights only load failed" in text:
+        return "it is not a torch file of tensors (corrupt, or written by something else)"
+    first = " ".join(text.split())[:160]
+    if "weights_only" in first or "safe_globals" in first:
+        return "it is not a torch file of tensors"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def read_torch_file(
+    path: Path,
+    what: str,
+    advice: str,
+    allowed: Iterable[type] = (),
+    error: type[VitkitError] = CheckpointError,
+) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, or one ``error`` naming the file.
+
+    ``what`` names the file in the message (``checkpoint``, ``DETR checkpoint``); ``advice``
+    says what to do about it; ``allowed`` are classes besides tensors and plain containers the
+    file may hold (DETR's releases keep an ``argparse.Namespace``). A path that is not a
+    regular file (a folder, a named pipe) is refused before anything opens it.
+    """
+    path = Path(path)
+    kind = non_regular_kind(path)
+    if kind == "missing":
+        raise error(f"{what} {path} does not exist; {advice}")
+    if kind is not None:
+        raise error(f"{what} {path} is {kind}, not a file; {advice}")
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
+            warnings.simplefilter("ignore")  # torch warns (with a traceback line) on refused globals
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise error(f"{what} {path} cannot be read: {_why_unreadable(exc, path)}; {advice}") from None
+
+
 def load_checkpoint(directory: Path) -> dict[str, Any] | None:
-    """The last checkpoint in ``directory``, or None when there is none."""
+    """The last checkpoint in ``directory``, or None when there is none.
+
+    One that cannot be read, or that is not a training checkpoint, is a ``CheckpointError``
+    saying to delete it: a resume is impossible, and deleting it means starting over.
+    """
     path = Path(directory) / CHECKPOINT_NAME
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    advice = (
+        f"delete it (rm {path}) and run the stage again, which then trains from the start "
+        "(nothing else is lost: the stage's outputs are untouched)"
+    )
+    ckpt = read_torch_file(path, "checkpoint", advice)
+    if not isinstance(ckpt, dict) or not all(key in ckpt for key in CHECKPOINT_KEYS):
+        raise CheckpointError(f"checkpoint {path} is not a vitkit training checkpoint; {advice}")
+    return ckpt
 
 
 def mark_finished(directory: Path) -> bool:
@@ -99,5 +177,9 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """The weights and meta of a model file ``save_weights`` wrote (a stage's output)."""
+    advice = f"restore it (dvc checkout {path}) or run the stage that writes it again"
+    blob = read_torch_file(Path(path), "model file", advice)
+    if not isinstance(blob, dict) or not {"state_dict", "meta"} <= set(blob):
+        raise CheckpointError(f"model file {path} holds no vitkit model (state_dict and meta); {advice}")
     return blob["state_dict"], blob["meta"]

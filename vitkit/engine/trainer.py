@@ -44,7 +44,8 @@ from vitkit.engine.checkpoint import (
 from vitkit.engine.device import autocast, set_tf32
 from vitkit.engine.distributed import DistInfo, all_gather_object, all_reduce_mean, broadcast_object
 from vitkit.engine.task import TrainingTask
-from vitkit.errors import TrainingError
+from vitkit.errors import TrainingError, VitkitError
+from vitkit.io import check_writable
 from vitkit.progress import progress_enabled
 
 EpochHook = Callable[[dict[str, float]], None]
@@ -261,6 +262,29 @@ class Trainer:
             return False
         return True
 
+    def _load_local_checkpoint(self) -> dict[str, Any] | None:
+        """This node's checkpoint (None if there is none), once its folder is known to be writable.
+
+        A read-only checkpoint folder is reported now, not at the first checkpoint after minutes of
+        training; an unreadable checkpoint names the file to delete. Every rank takes part: if any
+        cannot go on, all raise its error, as the others would otherwise wait for it forever.
+        """
+        problem: VitkitError | None = None
+        local = None
+        try:
+            if self.dist.writes_files:
+                check_writable(self.checkpoint_dir)
+            local = load_checkpoint(self.checkpoint_dir)
+        except VitkitError as exc:
+            problem = exc
+        problems = all_gather_object(None if problem is None else (type(problem), str(problem)))
+        first = next((p for p in problems if p is not None), None)
+        if problem is not None:
+            raise problem
+        if first is not None:
+            raise first[0](first[1])
+        return local
+
     def try_resume(self) -> bool:
         """Continue from the most advanced checkpoint of this run that any node holds.
 
@@ -268,7 +292,7 @@ class Trainer:
         the others, so a node that lost its disk (or never had one in common with the others)
         starts from the same state. Every rank takes part.
         """
-        local = load_checkpoint(self.checkpoint_dir)
+        local = self._load_local_checkpoint()
         local = local if self._resumable(local) else None
         steps = all_gather_object(local["global_step"] if local is not None else -1)
         source = max(range(len(steps)), key=lambda rank: (steps[rank], -rank))

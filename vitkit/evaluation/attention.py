@@ -11,14 +11,13 @@ DeiT's paper compares.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from vitkit.io import atomic_path
 from vitkit.models.vit import VisionTransformer
 
 
@@ -95,12 +94,6 @@ def save_attention_figure(
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     return path

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import StochasticDepth
 
+from vitkit.engine.checkpoint import read_torch_file
 from vitkit.errors import ConfigError
 
 # ---------------------------------------------------------------------------- config
@@ -336,13 +337,13 @@ def load_deit_checkpoint(
     """
     source = str(path_or_state) if isinstance(path_or_state, str | Path) else "the given state dict"
     if isinstance(path_or_state, str | Path):
-        if not Path(path_or_state).is_file():
-            raise ConfigError(
-                f"DeiT checkpoint {path_or_state} does not exist; point the config at a .pth file"
-            )
-        state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+        state = read_torch_file(
+            Path(path_or_state), "DeiT checkpoint", "point the config at a .pth file", error=ConfigError
+        )
     else:
         state = path_or_state
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"DeiT checkpoint {source} holds a {type(state).__name__}, not a state dict")
     if "model" in state and isinstance(state["model"], Mapping):
         state = state["model"]
     state = {k.removeprefix("module."): v for k, v in state.items()}

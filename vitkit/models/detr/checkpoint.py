@@ -19,11 +19,11 @@ To load a DETR release, configure the model like it: ``arch="resnet50"``,
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
 import torch
 
+from vitkit.engine.checkpoint import read_torch_file
 from vitkit.errors import ConfigError
 from vitkit.models.detr.detr import DETR
 
@@ -65,19 +65,17 @@ def read_release_state(path: Path, name: str) -> dict[str, torch.Tensor]:
     """The ``"model"`` state dict of a release checkpoint, read with ``weights_only=True``.
 
     ``argparse.Namespace`` is allowed because the official ``main.py`` of DETR and of
-    Deformable DETR stores its arguments in every checkpoint.
+    Deformable DETR stores its arguments in every checkpoint. A path that is no file (missing,
+    a folder) or a file that is no torch checkpoint of tensors is one error naming the path.
     """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise ConfigError(
-            f"{name} checkpoint {path} does not exist; check the checkpoint path param"
-        ) from err
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ConfigError(
-            f"{name} checkpoint {path} is not a readable torch checkpoint ({err}); re-save it"
-        ) from err
+    checkpoint = read_torch_file(
+        path,
+        f"{name} checkpoint",
+        "set detr_training.release_checkpoint to the release's .pth file, or null to build the model "
+        "from detr_training.init",
+        allowed=[argparse.Namespace],
+        error=ConfigError,
+    )
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise ConfigError(
             f"{name} checkpoint {path} has no 'model' state dict; expected {{'model': state_dict}}"
