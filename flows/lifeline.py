@@ -35,17 +35,23 @@ _writer: int | None = None  # this process's end of the pipe to its watcher
 def _send(line: str) -> None:
     global _writer
     with _lock:
-        if _writer is None:
-            read_end, _writer = os.pipe()  # both not inheritable: no other child holds the pipe open
-            subprocess.Popen(
-                [sys.executable, "-m", "flows.lifeline", str(os.getpid()), str(read_end)],
-                cwd=Path(__file__).resolve().parent.parent,  # where ``flows`` imports from, whatever our cwd
-                pass_fds=(read_end,),
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-            )
-            os.close(read_end)
-        os.write(_writer, f"{line}\n".encode())
+        for _ in range(2):
+            if _writer is None:
+                read_end, _writer = os.pipe()  # both not inheritable: no other child holds the pipe open
+                subprocess.Popen(
+                    [sys.executable, "-m", "flows.lifeline", str(os.getpid()), str(read_end)],
+                    cwd=Path(__file__).resolve().parent.parent,  # where ``flows`` imports from
+                    pass_fds=(read_end,),
+                    start_new_session=True,
+                    stdin=subprocess.DEVNULL,
+                )
+                os.close(read_end)
+            try:
+                os.write(_writer, f"{line}\n".encode())
+                return
+            except BrokenPipeError:  # the watcher was killed: a new one watches from now on
+                os.close(_writer)
+                _writer = None
 
 
 def _identity(pid: int) -> str:

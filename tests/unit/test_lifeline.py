@@ -124,3 +124,19 @@ def test_a_dvc_lock_held_by_a_pid_now_reused_by_another_process_is_cleared(tmp_p
     finally:
         newer.kill()
         newer.wait()
+
+
+def test_a_killed_watcher_is_replaced_by_the_next_tie():
+    """A watcher gone (killed) must not break the flow: the next tie starts another, no BrokenPipeError."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        lifeline.tie(sleeper.pid)
+        watchers = [p for p in psutil.Process().children() if "flows.lifeline" in " ".join(p.cmdline())]
+        for watcher in watchers:
+            watcher.kill()
+        psutil.wait_procs(watchers, timeout=10)
+        lifeline.tie(sleeper.pid)
+        lifeline.untie(sleeper.pid)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
