@@ -30,7 +30,7 @@ pipeline: install
 	$(BIN)/python -m flows.pipeline
 	$(BIN)/python -m flows.summary
 
-## The test suite (about 11 minutes on 2 cores); slow tests are excluded.
+## The test suite (about 15 minutes on 2 cores); slow tests are excluded.
 test: install
 	$(BIN)/python -m pytest -q
 

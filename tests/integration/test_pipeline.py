@@ -223,6 +223,7 @@ def test_ddp_teacher_with_two_cpu_processes_matches_one(tmp_path):
     assert abs(results[1]["val_top1"] - results[2]["val_top1"]) <= 0.25, results
 
 
+@pytest.mark.slow  # a second whole smoke DAG (~2.7 min); the default run measured 18.5 min with it
 def test_prefect_flow_runs_each_stage_as_a_task_and_nests_mlflow_runs(tmp_path, prefect_harness):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
