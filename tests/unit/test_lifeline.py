@@ -126,16 +126,30 @@ def test_a_dvc_lock_held_by_a_pid_now_reused_by_another_process_is_cleared(tmp_p
         newer.wait()
 
 
+def _watchers() -> list[psutil.Process]:
+    """This process's live lifeline watchers; zombies left by earlier tests' children are not watchers."""
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if "flows.lifeline" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # a zombie or a child gone since the listing
+            pass
+    return found
+
+
 def test_a_killed_watcher_is_replaced_by_the_next_tie():
     """A watcher gone (killed) must not break the flow: the next tie starts another, no BrokenPipeError."""
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         lifeline.tie(sleeper.pid)
-        watchers = [p for p in psutil.Process().children() if "flows.lifeline" in " ".join(p.cmdline())]
+        watchers = _watchers()
+        assert watchers, "tie started no watcher"
         for watcher in watchers:
             watcher.kill()
         psutil.wait_procs(watchers, timeout=10)
         lifeline.tie(sleeper.pid)
+        assert {w.pid for w in _watchers()} - {w.pid for w in watchers}, "no new watcher after the kill"
         lifeline.untie(sleeper.pid)
     finally:
         sleeper.kill()
