@@ -15,15 +15,20 @@ CPU allocator during the step above its level at the step's start, from
 ``torch.profiler``'s memory events (``ru_maxrss`` would be the whole process's
 high-water mark and cannot tell the two models apart).
 
+``--compile`` adds a third model, ours as the engine trains it with ``engine.compile``: under
+``torch.compile``, with fused AdamW (``--bf16``: and bf16 autocast, ``engine.amp: always``), to
+the training and inference timings, and reports its warm-up (the first steps, compiling).
+
 ``--with-teacher`` also times a full DeiT hard-distillation step: the student
 step above plus a frozen ResNet-18 (small-input stem) forward on the same batch.
 
-    python benchmarks/bench_deit.py --device cpu --threads 2 --batch-size 128 --preset cpu_tiny
+    python benchmarks/bench_deit.py --device cpu --threads 2 --batch-size 128 --preset cpu_tiny [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -64,13 +69,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+def make_train_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool = False, bf16: bool = False
+) -> Callable[[], None]:
+    """One training step; ``fused`` AdamW and ``bf16`` autocast as vitkit's engine can run it."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
 
     def step() -> None:
         model.train()
-        cls_logits, dist_logits = model(x)
-        loss = F.cross_entropy(cls_logits, y) + F.cross_entropy(dist_logits, y)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            cls_logits, dist_logits = model(x)
+            loss = F.cross_entropy(cls_logits, y) + F.cross_entropy(dist_logits, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)  # at the end: a step's memory is allocated and freed within it
@@ -168,6 +177,14 @@ def main() -> None:
         "jobs; exact with --threads 1, with more threads it also counts OpenMP spin-waiting",
     )
     parser.add_argument("--with-teacher", action="store_true", help="also time a hard-distillation step")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time ours as the engine runs it with engine.compile: compiled, fused AdamW",
+    )
+    parser.add_argument(
+        "--bf16", action="store_true", help="with --compile: under bf16 autocast (engine.amp)"
+    )
     args = parser.parse_args()
     if args.repeats < 5:
         parser.error("--repeats must be at least 5 for a meaningful median")
@@ -199,14 +216,30 @@ def main() -> None:
     )
     train = {"ours": make_train_step(ours, x, y), "timm": make_train_step(theirs, x, y)}
     infer = {"ours": make_infer_step(ours, x), "timm": make_infer_step(theirs, x)}
+    if args.compile:
+        compiled = torch.compile(copy.deepcopy(ours))
+        for label, step in (
+            ("train", make_train_step(compiled, x, y, fused=True, bf16=args.bf16)),
+            ("inference", make_infer_step(compiled, x)),
+        ):
+            start = time.perf_counter()
+            step()  # compiles
+            step()
+            print(f"{'compile warm-up':>22}: {label} {time.perf_counter() - start:.1f} s (two steps)")
+            (train if label == "train" else infer)["compiled"] = step
     for label, steps in (("train (fwd+bwd+AdamW)", train), ("inference", infer)):
         sec = time_alternating(steps, device, args.warmup, args.repeats, args.iters, clock)
         ips = {name: args.batch_size / s for name, s in sec.items()}
+        compiled_ips = (
+            f" | compiled {ips['compiled']:8.1f} img/s, ratio to timm {ips['compiled'] / ips['timm']:.3f}"
+            if "compiled" in ips
+            else ""
+        )
         print(
             f"{label:>22}: ours {ips['ours']:8.1f} img/s | timm {ips['timm']:8.1f} img/s | "
-            f"ratio {ips['ours'] / ips['timm']:.3f}"
+            f"ratio {ips['ours'] / ips['timm']:.3f}{compiled_ips}"
         )
-    mem = {name: peak_step_memory(step, device) / 2**20 for name, step in train.items()}
+    mem = {name: peak_step_memory(train[name], device) / 2**20 for name in ("ours", "timm")}
     print(f"{'train step peak mem':>22}: ours {mem['ours']:8.1f} MiB  | timm {mem['timm']:8.1f} MiB")
 
     if args.with_teacher:
