@@ -194,6 +194,33 @@ def test_criterion_weights_and_two_stage_losses():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_two_stage_proposals_are_matched_in_the_same_transfer_as_the_decoder_layers(monkeypatch):
+    """Two-stage: the encoder's class-agnostic proposals join the decoder layers in one
+    ``match_sets`` call (one device-to-host copy a step), with the losses matching them alone gives."""
+    torch.manual_seed(7)
+    cfg = _config(**VARIANTS["two_stage"])
+    criterion = build_deformable_criterion(cfg)
+    with torch.no_grad():
+        outputs = build_deformable_detr(cfg)(torch.randn(2, 3, 64, 64))
+    enc = outputs["enc_outputs"]
+    binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in _targets()]
+    num_boxes = criterion.num_target_boxes(_targets(), torch.device("cpu"))
+    alone = criterion.matcher(enc, binary)
+    expected = {}
+    for name in criterion.losses:
+        terms = criterion.loss_fns[name](enc, binary, alone, num_boxes)
+        expected |= {f"{k}_enc": v for k, v in terms.items() if k != "class_error"}
+    calls = []
+    match_sets = criterion.matcher.match_sets
+    monkeypatch.setattr(
+        criterion.matcher, "match_sets", lambda sets: calls.append(len(sets)) or match_sets(sets)
+    )
+    losses = criterion(outputs, _targets())
+    assert calls == [cfg.dec_layers + 1]  # every decoder layer and the proposals, together
+    for key, value in expected.items():
+        assert torch.equal(losses[key], value), key
+
+
 def test_topk_postprocess_ranks_query_class_pairs():
     """Detections are the k best (query, class) pairs by sigmoid score, brute-forced here; one query
     may appear with two classes."""

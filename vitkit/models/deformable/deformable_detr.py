@@ -298,18 +298,16 @@ class FocalSetCriterion(SetCriterion):
         predicted_counts = (logits.amax(-1) > 0).sum(1)
         return {"cardinality_error": F.l1_loss(predicted_counts.float(), target_counts.float())}
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        losses = super().forward(outputs, targets)
+    def prediction_sets(self, outputs: dict, targets: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
+        """DETR's sets and, in two-stage, the encoder's proposals (``_enc``), matched in the same copy.
+
+        Proposals are class-agnostic: every target is "an object" (class 0).
+        """
+        sets = super().prediction_sets(outputs, targets)
         if "enc_outputs" in outputs:
-            # Proposals are class-agnostic: every target is "an object" (class 0).
-            enc = outputs["enc_outputs"]
             binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            indices = self.matcher(enc, binary)
-            num_boxes = self.num_target_boxes(targets, device=enc["pred_logits"].device)
-            for name in self.losses:
-                enc_losses = self.loss_fns[name](enc, binary, indices, num_boxes)
-                losses.update({f"{k}_enc": v for k, v in enc_losses.items() if k != "class_error"})
-        return losses
+            sets["_enc"] = (outputs["enc_outputs"], binary)
+        return sets
 
 
 class TopKPostProcess(PostProcess):

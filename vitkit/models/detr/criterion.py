@@ -102,19 +102,28 @@ class SetCriterion(nn.Module):
         ).diagonal()
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
+    def prediction_sets(self, outputs: dict, targets: list[dict]) -> dict[str, tuple[dict, list[dict]]]:
+        """Every set of predictions the loss supervises, with its targets, keyed by the suffix of
+        its loss terms: "" for the last decoder layer, ``_i`` for auxiliary layer i."""
+        sets = {"": (outputs, targets)}
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            sets[f"_{i}"] = (aux, targets)
+        return sets
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """``outputs`` from the model; ``targets`` per image: ``labels`` (M,), ``boxes`` (M, 4)
-        normalised cxcywh. Returns every loss and logging term, unweighted."""
-        aux_outputs = outputs.get("aux_outputs", [])
-        indices, *aux_matches = self.matcher.match_sets([(o, targets) for o in (outputs, *aux_outputs)])
+        normalised cxcywh. Returns every loss and logging term, unweighted. All prediction sets
+        are matched with one device-to-host copy."""
+        sets = self.prediction_sets(outputs, targets)
+        matches = self.matcher.match_sets(list(sets.values()))
         num_boxes = self.num_target_boxes(targets, device=outputs["pred_logits"].device)
         losses: dict[str, Tensor] = {}
-        for name in self.losses:
-            losses.update(self.loss_fns[name](outputs, targets, indices, num_boxes))
-        for i, (aux, aux_indices) in enumerate(zip(aux_outputs, aux_matches, strict=True)):
+        for (suffix, (predictions, set_targets)), indices in zip(sets.items(), matches, strict=True):
             for name in self.losses:
-                aux_losses = self.loss_fns[name](aux, targets, aux_indices, num_boxes)
-                losses.update({f"{k}_{i}": v for k, v in aux_losses.items() if k != "class_error"})
+                terms = self.loss_fns[name](predictions, set_targets, indices, num_boxes)
+                losses.update(
+                    {f"{k}{suffix}": v for k, v in terms.items() if not suffix or k != "class_error"}
+                )
         return losses
 
     def weighted_sum(self, losses: dict[str, Tensor]) -> Tensor:
