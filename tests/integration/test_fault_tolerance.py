@@ -8,6 +8,8 @@
   trains no epoch and takes seconds.
 - An MLflow server killed mid-training: one bounded wait, training goes on, then one ``error:``
   line when publishing needs the server; run again with the server back, the stage only publishes.
+- A served run cancelled as the Prefect UI cancels it: the training stops within seconds, the run
+  ends Cancelled, and the deployment's next run resumes the stage from its checkpoint.
 
 Each test prints what it measured (run with ``-s`` to see it).
 """
@@ -355,3 +357,64 @@ def test_an_mlflow_server_killed_mid_training_costs_a_bounded_wait_and_no_traini
         f"\nMLflow server killed: first word {warning[0]:.1f} s after, the stage ended {ended_s:.1f} s after "
         f"(exit {code}); the rerun with the server back published in {rerun_s:.1f} s"
     )
+
+
+def test_a_run_cancelled_from_the_ui_stops_its_training_and_the_next_run_resumes(tmp_path):
+    """Cancel as the Prefect UI does (state Cancelling through the API) a served run mid-training.
+
+    The runner ends the flow-run process with SIGTERM; the flow ends its stage's process group:
+    the training stops within seconds, the run ends Cancelled, and the next run of the deployment
+    resumes the stage from its checkpoint.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
+
+    from tests.loopback import _start, _stop, prefect_server, wait_for
+
+    params = smoke_params(teacher={"init": "scratch", "epochs": 6})
+    repo = make_pipeline_repo(tmp_path / "repo", params)
+    checkpoint = repo / "checkpoints/teacher"
+    log = tmp_path / "serve.log"
+
+    def epochs_done() -> int:
+        return load_checkpoint(checkpoint)["epoch"] if (checkpoint / "last.pt").exists() else 0
+
+    with prefect_server(tmp_path / "server") as api_url, temporary_settings({PREFECT_API_URL: api_url}):
+        env = {**os.environ, **FLOW_ENV, "PREFECT_API_URL": api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+        served = _start([sys.executable, "-m", "flows.pipeline", "--serve"], repo, env, log)
+        try:
+            wait_for(lambda: "vitkit-pipeline/vitkit" in log.read_text(), 120, "the served deployment", log)
+            first = run_deployment(
+                "vitkit-pipeline/vitkit", parameters={"stages": ["train_teacher"]}, timeout=0
+            )
+            wait_until(lambda: epochs_done() >= 1, 1200, "train_teacher's first epoch", log, served)
+            training = [
+                p
+                for p in psutil.Process(served.pid).children(recursive=True)
+                if "stages.train_teacher" in cmdline(p)
+            ]
+            assert alive(training), log.read_text()[-4000:]
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(first.id, Cancelling(message="cancelled from the UI"))
+                cancelled = time.monotonic()
+                wait_until(lambda: not alive(training), 60, "the end of the training", log)
+                stopped_s = time.monotonic() - cancelled
+                stopped_at = epochs_done()
+                wait_until(
+                    lambda: client.read_flow_run(first.id).state.is_cancelled(), 60, "state Cancelled", log
+                )
+            assert stopped_at < 6, "the training finished before the cancel reached it"
+            second = run_deployment(
+                "vitkit-pipeline/vitkit",
+                parameters={"stages": ["train_teacher"]},
+                timeout=1800,
+                poll_interval=2,
+            )
+            assert second.state.is_completed(), (second.state, log.read_text()[-4000:])
+            assert f"resuming from {checkpoint} at epoch {stopped_at + 1}" in log.read_text()
+        finally:
+            _stop(served)
+    assert load_checkpoint(checkpoint)["finished"]
+    print(f"\ncancelled at epoch {stopped_at}: the training ended {stopped_s:.1f} s after the cancel")
