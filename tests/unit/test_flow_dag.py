@@ -29,6 +29,16 @@ def test_dag_comes_from_dvc_yaml():
         "distill_deit@hard",
         "train_detr@deformable",
     }
+    assert "evaluate" in dag["report"]  # the report comes last: it reads what evaluate wrote
+
+
+def test_the_report_artifact_names_the_figures_prefect_cannot_show():
+    from flows.report_artifact import artifact_markdown
+
+    report = "# r\n\n![the comparisons](comparisons.png)\n\n| a |\n|---|\n| 1 |\n"
+    published = artifact_markdown(report)
+    assert "![" not in published and "`reports/report/comparisons.png`" in published
+    assert published.startswith("# r\n") and published.endswith("| 1 |\n")
 
 
 def test_selecting_a_stage_brings_what_it_needs_in_order():
