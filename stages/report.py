@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         p.confidence_level,
         ctx.params.seed,
     )
-    history = search_history(experiment, p.history, exclude_run=ctx.run.run_id)
+    history = search_history(experiment, p.history)
     baseline = find_baseline(experiment, p.baseline)
     this_run = ctx.run.client.get_run(ctx.run.run_id)  # its params as MLflow keeps them, to compare
     params_changed = changed_params(this_run.data.params, history.iloc[0] if len(history) else None)

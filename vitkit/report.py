@@ -126,18 +126,16 @@ def headline_metrics(metric_files: Mapping[str, Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["stage", "metric", "key", "value"])
 
 
-def search_history(experiment: str, limit: int, exclude_run: str | None = None) -> pd.DataFrame:
+def search_history(experiment: str, limit: int) -> pd.DataFrame:
     """The newest ``limit`` finished report runs of ``experiment``, newest first, as
-    ``mlflow.search_runs`` gives them (``run_id``, ``start_time``, ``metrics.*``, ``params.*``...)."""
-    runs = mlflow.search_runs(
+    ``mlflow.search_runs`` gives them (``run_id``, ``start_time``, ``metrics.*``, ``params.*``...).
+    The report run asking is still running: it is not among them."""
+    return mlflow.search_runs(
         experiment_names=[experiment],
         filter_string=HISTORY_FILTER,
         order_by=["attributes.start_time DESC"],
-        max_results=limit + 1,  # this run is excluded below once it is finished
+        max_results=limit,
     )
-    if exclude_run is not None and not runs.empty:
-        runs = runs[runs["run_id"] != exclude_run]
-    return runs.head(limit).reset_index(drop=True)
 
 
 def find_baseline(experiment: str, baseline: str) -> pd.Series | None:
@@ -183,10 +181,13 @@ def changed_params(current: Mapping[str, str], run: pd.Series | None) -> pd.Data
     columns = ["param", "this run", "then"]
     if run is None:
         return pd.DataFrame(columns=columns)
-    then = {k.removeprefix("params."): v for k, v in run.items() if k.startswith("params.")}
+    # search_runs has a column for every param of any run it found: a run without that param has None
+    then = {
+        k.removeprefix("params."): v for k, v in run.items() if k.startswith("params.") and isinstance(v, str)
+    }
     rows = [
         {"param": key, "this run": current.get(key, "(absent)"), "then": then.get(key, "(absent)")}
-        for key in sorted(set(current) | {k for k, v in then.items() if v is not None})
+        for key in sorted(set(current) | set(then))
         if current.get(key) != then.get(key)
     ]
     return pd.DataFrame(rows, columns=columns)
@@ -196,7 +197,12 @@ def _read_predictions(path: Path) -> pd.DataFrame:
     kind = non_regular_kind(path)
     if kind is not None:
         raise DataError(f"{path} (evaluate's test predictions) is {kind}: run the evaluate stage (dvc repro)")
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"{path} (evaluate's test predictions) is no CSV table ({exc}): run evaluate again"
+        ) from None
     needed = {"image", "label"} | {c for p in CLASSIFIER_PAIRS for c in (p.a, p.b)}
     missing = sorted(needed - set(table.columns))
     if missing or table.empty:

@@ -88,6 +88,13 @@ def test_bad_params_stop_every_stage_before_it_writes(built_repo, tmp_path, sect
     assert snapshot(built_repo) == before
 
 
+def test_a_report_baseline_that_is_no_run_is_one_clear_error_and_the_report_is_kept(built_repo, tmp_path):
+    before = snapshot(built_repo)
+    result = stage(built_repo, "report", smoke_params(report={"baseline": "0" * 32}), tmp=tmp_path)
+    assert_one_clear_error(result, "report.baseline: no finished report run", "0" * 32)
+    assert snapshot(built_repo) == before
+
+
 def test_unreachable_tracking_server_fails_before_training(built_repo, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

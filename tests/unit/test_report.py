@@ -130,7 +130,7 @@ def test_headline_metrics_pick_each_stage_s_numbers(tmp_path):
 
 def test_first_run_compares_with_nothing_and_says_so(store, tmp_path):
     this = log_run(store, 1_000, 0.8, 2, status="RUNNING")  # the report's own run, still open
-    history = search_history(EXPERIMENT, 100, exclude_run=this)
+    history = search_history(EXPERIMENT, 100)
     assert history.empty and find_baseline(EXPERIMENT, "first") is None
     folder = tmp_path / "report"
     write_report(
@@ -153,7 +153,7 @@ def test_first_run_compares_with_nothing_and_says_so(store, tmp_path):
 def test_a_second_run_with_one_changed_param_shows_the_change_and_the_delta(store, tmp_path):
     first = log_run(store, 1_000, 0.80, 2)
     this = log_run(store, 2_000, 0.86, 3, status="RUNNING")
-    history = search_history(EXPERIMENT, 100, exclude_run=this)
+    history = search_history(EXPERIMENT, 100)
     previous = history.iloc[0]
     assert history["run_id"].tolist() == [first]
     changed = changed_params({"teacher.epochs": "3", "seed": "0"}, previous)
@@ -186,7 +186,7 @@ def test_a_hundred_runs_are_read_in_one_bounded_query(store, tmp_path):
     log_run(store, 200_000, 0.1, 1, status="FAILED")  # nor is a report that failed
     this = log_run(store, 300_000, 0.9, 4, status="RUNNING")
     started = time.perf_counter()
-    history = search_history(EXPERIMENT, 100, exclude_run=this)
+    history = search_history(EXPERIMENT, 100)
     elapsed = time.perf_counter() - started
     assert history["run_id"].tolist() == ids[::-1][:100]  # the newest hundred, newest first
     assert elapsed < 5, elapsed
@@ -227,3 +227,17 @@ def test_predictions_without_a_compared_column_are_one_clear_error(tmp_path):
         method_comparisons(csv, tmp_path / "annotations.json", {}, 100, 0.95, 0)
     with pytest.raises(DataError, match="missing"):
         method_comparisons(tmp_path / "absent.csv", tmp_path / "annotations.json", {}, 100, 0.95, 0)
+    csv.write_text('image,label\n"a/1.png,a\n')  # a quote never closed
+    with pytest.raises(DataError, match="no CSV table"):
+        method_comparisons(csv, tmp_path / "annotations.json", {}, 100, 0.95, 0)
+
+
+def test_a_param_one_run_has_and_the_other_lacks_is_a_change():
+    then = pd.Series(
+        {"run_id": "x", "params.seed": "0", "params.ssl.method": "simclr", "params.report.history": None}
+    )
+    changed = changed_params({"seed": "0", "report.history": "100"}, then)
+    assert changed.to_dict("records") == [
+        {"param": "report.history", "this run": "100", "then": "(absent)"},
+        {"param": "ssl.method", "this run": "(absent)", "then": "simclr"},
+    ]
