@@ -79,7 +79,7 @@ def test_bad_params_stop_every_stage_before_it_writes(built_repo, tmp_path, sect
             stderr=subprocess.PIPE,
             text=True,
         )
-        for name in ("prepare", "pretrain_ssl", "train_teacher", "evaluate")
+        for name in ("prepare", "pretrain_ssl", "train_teacher", "evaluate", "report")
     ]
     for process in processes:
         stdout, stderr = process.communicate(timeout=600)
