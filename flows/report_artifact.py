@@ -7,7 +7,8 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
-from stages.paths import REPORT_DIR, REPORT_MARKDOWN
+from stages.paths import REPORT_DIR
+from vitkit.report import MARKDOWN_NAME
 
 ARTIFACT_KEY = "vitkit-report"
 _FIGURE = re.compile(r"^!\[(?P<title>[^\]]*)\]\((?P<file>[^)]+)\)$", re.MULTILINE)
@@ -20,7 +21,7 @@ def publish_report(repo_root: Path) -> str | None:
     Prefect shows no image beside an artifact: each figure becomes a line naming its file (the
     HTML copy beside the report and the MLflow run hold them), ``artifact_markdown``.
     """
-    path = Path(repo_root) / REPORT_MARKDOWN
+    path = Path(repo_root) / REPORT_DIR / MARKDOWN_NAME
     if not path.is_file():
         return None
     text = artifact_markdown(path.read_text())

@@ -85,7 +85,6 @@ EVALUATE = stage_paths("evaluate")
 TEST_PREDICTIONS = EVALUATE.artifact("test_predictions.csv")  # each classifier's class per test image
 REPORT = stage_paths("report")
 REPORT_DIR = Path("reports/report")  # report.md, report.html and their figures: one DVC output
-REPORT_MARKDOWN = REPORT_DIR / "report.md"
 
 
 def detector_results(arch: str) -> Path:

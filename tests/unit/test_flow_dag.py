@@ -47,10 +47,13 @@ def test_the_flow_publishes_the_report_it_finds_as_a_markdown_artifact(tmp_path,
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from flows.report_artifact import ARTIFACT_KEY, publish_report
-    from stages.paths import REPORT_MARKDOWN
+    from stages.paths import REPORT_DIR
+    from vitkit.report import MARKDOWN_NAME
 
-    (tmp_path / REPORT_MARKDOWN).parent.mkdir(parents=True)
-    (tmp_path / REPORT_MARKDOWN).write_text("# run report\n\n![the comparisons](comparisons.png)\n")
+    (tmp_path / REPORT_DIR).mkdir(parents=True)
+    (tmp_path / REPORT_DIR / MARKDOWN_NAME).write_text(
+        "# run report\n\n![the comparisons](comparisons.png)\n"
+    )
 
     @flow
     def publishing() -> tuple[str | None, str | None]:
