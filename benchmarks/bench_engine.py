@@ -32,11 +32,11 @@ from vitkit.models.resnet import build_resnet
 
 def load_images(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if (data_dir / "train").is_dir():
-        images, labels, _ = load_imagefolder_tensors(data_dir / "train")
+        images, labels, *_ = load_imagefolder_tensors(data_dir / "train")
         return images, labels
     with tempfile.TemporaryDirectory() as tmp:
         generate_classification(Path(tmp), ["circle", "square", "triangle"], {"train": 200}, 32, seed=0)
-        images, labels, _ = load_imagefolder_tensors(Path(tmp) / "train")
+        images, labels, *_ = load_imagefolder_tensors(Path(tmp) / "train")
         return images, labels
 
 

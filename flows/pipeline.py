@@ -56,6 +56,7 @@ from flows.dvc_run import (
     run_dvc,
     stop_all,
 )
+from flows.report_artifact import publish_report
 from vitkit import tracking
 from vitkit.config import flatten, load_params
 from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
@@ -220,6 +221,7 @@ def pipeline(
     rows = _metric_rows(root)
     if rows:
         create_table_artifact(table=rows, key="vitkit-metrics", description="Final metrics (metrics/*.json)")
+    publish_report(root)  # the report stage's Markdown, as an artifact of this flow run
     return results
 
 

@@ -6,7 +6,9 @@ import json
 import os
 from pathlib import Path
 
+from stages.paths import REPORT_DIR
 from vitkit.config import flatten
+from vitkit.report import MARKDOWN_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +27,9 @@ def main() -> None:
         print(f"  metrics  {path.relative_to(root)}: {shown}")
     figures = sorted(p.relative_to(root) for p in (root / "plots").rglob("*.png"))
     print(f"  figures  {len(figures)} PNGs under plots/ (e.g. {', '.join(map(str, figures[:3]))})")
+    report = REPORT_DIR / MARKDOWN_NAME
+    if (root / report).is_file():
+        print(f"  report   {report} (and report.html beside it): this run against earlier ones")
     print("  dvc      `dvc metrics show`, `dvc plots show` (HTML), `dvc exp show` to compare experiments")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     print(f"  mlflow   runs in {uri}; browse with `make mlflow-ui` (http://127.0.0.1:5000)")

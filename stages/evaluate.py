@@ -5,7 +5,9 @@ random weights. The teacher: top-1 / top-5, per-class accuracy, a confusion matr
 Deformable DETR: COCO box AP (pycocotools), their COCO results json, figures of predicted against
 true boxes, and the two side by side (AP per epoch, by object size). The DeiT students: each
 head's top-1, their average, teacher agreement, attention-rollout maps.
-Writes ``metrics/evaluate.json``, tables and figures under ``plots/evaluate/``, and logs them.
+Writes ``metrics/evaluate.json``, tables and figures under ``plots/evaluate/``, each classifier's
+class per test image (``artifacts/evaluate/test_predictions.csv``: the report's paired bootstrap
+reads it, with the detectors' results json), and logs them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from stages import paths
 from stages.common import StageContext, stage_main
 from vitkit.data.datasets import load_imagefolder_tensors
 from vitkit.engine.checkpoint import load_weights
+from vitkit.evaluation.classification import prediction_table
 from vitkit.evaluation.detection import FINAL_COLUMNS
 from vitkit.io import write_csv, write_json
 from vitkit.losses.distillation import DISTILLATION_TYPES
@@ -37,17 +40,19 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     train, test = (load_imagefolder_tensors(ctx.path(paths.CLASSIFICATION / s)) for s in ("train", "test"))
     state, meta = load_weights(ctx.path(paths.SSL.model))
-    ssl = evaluate_backbone(state, meta, train, test, ctx.params.ssl.knn, ctx.params.seed, device, batch)
+    knn, seed = ctx.params.ssl.knn, ctx.params.seed
+    ssl, predictions = evaluate_backbone(state, meta, train, test, knn, seed, device, batch)
     write_csv(plot("ssl_vs_random.csv"), pd.DataFrame(ssl).T.rename_axis("backbone").reset_index())
 
     teacher_model = load_classifier(*load_weights(ctx.path(paths.TEACHER.model)))
     figures = plot("teacher_confusion.png"), plot("teacher_per_class.csv")
     teacher, teacher_logits = evaluate_classifier(teacher_model, test, device, batch, *figures)
+    predictions["teacher"] = teacher_logits.argmax(dim=1)
 
     finals, histories = {}, {}
     for arch in DETECTORS:
         trained = paths.stage_paths("train_detr", arch)
-        outputs = ctx.path(out.artifact(f"{arch}_test_results.json")), plot(f"{arch}_detections.png")
+        outputs = ctx.path(paths.detector_results(arch)), plot(f"{arch}_detections.png")
         test_dir = ctx.path(paths.DETECTION / "test")
         finals[arch] = evaluate_detector(
             *load_weights(ctx.path(trained.model)), test_dir, device, batch, *outputs
@@ -63,8 +68,12 @@ def run(ctx: StageContext) -> dict[str, float]:
     for mode in DISTILLATION_TYPES:
         student = load_weights(ctx.path(paths.stage_paths("distill_deit", mode).model))
         figure = plot(f"deit_{mode}_attention.png")
-        deit[mode] = evaluate_student(*student, test, teacher_logits, device, batch, shown, figure)
+        deit[mode], predictions[f"deit_{mode}"] = evaluate_student(
+            *student, test, teacher_logits, device, batch, shown, figure
+        )
     write_csv(plot("deit_heads.csv"), pd.DataFrame([{"model": k, **row} for k, row in deit.items()]))
+    table = prediction_table(test.names, test.labels, test.classes, predictions)
+    write_csv(ctx.path(paths.TEST_PREDICTIONS), table)
 
     teacher = {k: teacher[k] for k in ("top1", "top5", "per_class")}
     report = {

@@ -28,6 +28,7 @@ STAGE_KEYS = {
     "distill_deit": "deit",
     "train_detr": "detr",
     "evaluate": "evaluate",
+    "report": "report",
 }
 
 
@@ -81,3 +82,11 @@ def stage_paths(stage: str, variant: str | None = None) -> StagePaths:
 SSL = stage_paths("pretrain_ssl")
 TEACHER = stage_paths("train_teacher")
 EVALUATE = stage_paths("evaluate")
+TEST_PREDICTIONS = EVALUATE.artifact("test_predictions.csv")  # each classifier's class per test image
+REPORT = stage_paths("report")
+REPORT_DIR = Path("reports/report")  # report.md, report.html and their figures: one DVC output
+
+
+def detector_results(arch: str) -> Path:
+    """The COCO results json of a detector on the test split, written by evaluate."""
+    return EVALUATE.artifact(f"{arch}_test_results.json")

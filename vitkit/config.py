@@ -566,6 +566,31 @@ class EvaluateParams(Section):
     )
 
 
+MAX_REPORT_HISTORY = 1000  # earlier runs one report reads from MLflow: one bounded query
+MAX_RESAMPLES = 100_000
+
+
+class ReportParams(Section):
+    """The report stage: this run beside earlier ones, and whether its method comparisons are real."""
+
+    baseline: Annotated[
+        str, Field(pattern=r"^(first|none|[0-9a-f]{32})$"), Shown(name="first, none or a 32-hex run id")
+    ] = Field(
+        description="The run every metric is also compared with: `first` (the experiment's first "
+        "report), `none`, or an MLflow run id (a report run's, or the pipeline run it belongs to)."
+    )
+    history: Annotated[int, Field(gt=0, le=MAX_REPORT_HISTORY)] = Field(
+        description="Earlier runs read from MLflow (the newest) for the table and the figure over runs."
+    )
+    resamples: Annotated[int, Field(ge=100, le=MAX_RESAMPLES)] = Field(
+        description="Bootstrap resamples of the test images per comparison (each recomputes COCO AP "
+        "for the detectors: 1 000 take ~1.5 s of CPU on 200 images)."
+    )
+    confidence_level: Annotated[float, Field(ge=0.5, lt=1)] = Field(
+        description="Confidence level of the bootstrap intervals."
+    )
+
+
 class MlflowParams(Section):
     """Experiment tracking."""
 
@@ -593,6 +618,7 @@ class Params(Section):
     )
     deit: DeitParams = Field(description="The DeiT student (distill_deit).")
     evaluate: EvaluateParams = Field(description="Inference batch size and the evaluate stage's figures.")
+    report: ReportParams = Field(description="The run report (report).")
     mlflow: MlflowParams = Field(description="Experiment tracking.")
 
     @model_validator(mode="after")

@@ -79,12 +79,19 @@ def test_bad_params_stop_every_stage_before_it_writes(built_repo, tmp_path, sect
             stderr=subprocess.PIPE,
             text=True,
         )
-        for name in ("prepare", "pretrain_ssl", "train_teacher", "evaluate")
+        for name in ("prepare", "pretrain_ssl", "train_teacher", "evaluate", "report")
     ]
     for process in processes:
         stdout, stderr = process.communicate(timeout=600)
         result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
         assert_one_clear_error(result, "bad-params.yaml", needle)
+    assert snapshot(built_repo) == before
+
+
+def test_a_report_baseline_that_is_no_run_is_one_clear_error_and_the_report_is_kept(built_repo, tmp_path):
+    before = snapshot(built_repo)
+    result = stage(built_repo, "report", smoke_params(report={"baseline": "0" * 32}), tmp=tmp_path)
+    assert_one_clear_error(result, "report.baseline: no finished report run", "0" * 32)
     assert snapshot(built_repo) == before
 
 

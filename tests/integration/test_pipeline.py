@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -44,6 +45,45 @@ def check_deit_outputs(repo, evaluate: dict) -> None:
         assert (repo / f"plots/evaluate/deit_{mode}_attention.png").stat().st_size > 0
     rows = (repo / "plots/evaluate/deit_heads.csv").read_text().splitlines()
     assert rows[0] == "model,cls_top1,dist_top1,avg_top1,teacher_agreement" and len(rows) == 5
+
+
+def check_first_report(repo: Path, evaluate: dict) -> None:
+    """The report of a first run: nothing to compare with yet, the comparisons with their intervals,
+    logged to its own MLflow run (no flow, no parent); the per-image predictions it reads agree with
+    evaluate's scores."""
+    from vitkit.evaluation.bootstrap import NOISE, REAL
+
+    text = (repo / "reports/report/report.md").read_text()
+    assert "nothing to compare with yet" in text and "## Are the differences real?" in text
+    assert (repo / "reports/report/comparisons.png").stat().st_size > 0
+    summary = json.loads((repo / "metrics/report.json").read_text())
+    assert len(summary) == 5  # SSL vs random (kNN, linear probe), DeiT soft / hard vs none, the detectors
+    for row in summary.values():
+        assert row["low"] <= row["high"]
+        assert row["verdict"] == (REAL if row["low"] > 0 or row["high"] < 0 else NOISE)
+    predictions = pd.read_csv(repo / "artifacts/evaluate/test_predictions.csv")
+    right = {c: (predictions[c] == predictions["label"]).mean() for c in predictions.columns[2:]}
+    assert right["teacher"] == pytest.approx(evaluate["teacher"]["top1"])
+    assert right["ssl_knn"] == pytest.approx(evaluate["ssl"]["ssl"]["knn_top1"])
+    assert right["deit_hard"] == pytest.approx(evaluate["deit"]["hard"]["avg_top1"])
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vitkit").experiment_id
+    (report_run,) = client.search_runs([experiment], "tags.`vitkit.stage` = 'report'")
+    logged = {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html"} <= logged
+    assert report_run.data.metrics["evaluate/teacher.top1"] == pytest.approx(evaluate["teacher"]["top1"])
+
+
+def check_second_report(repo: Path, knn_before: float, knn_now: float) -> None:
+    """Run again with one param changed: the report names the change and each metric's delta."""
+    text = (repo / "reports/report/report.md").read_text()
+    assert re.search(r"\| ssl\.method +\| mocov2 +\| simclr +\|", text), text
+    table = pd.read_csv(repo / "reports/report/headlines.csv").set_index(["stage", "metric"])
+    ssl = table.loc[("pretrain_ssl", "knn_top1")]
+    assert (ssl["this run"], ssl["previous"]) == (pytest.approx(knn_now), pytest.approx(knn_before))
+    assert ssl["Δ previous"] == pytest.approx(knn_now - knn_before)
+    assert ssl["baseline"] == pytest.approx(knn_before)  # the first run is the default baseline
+    assert (table["Δ previous"].drop(index=("pretrain_ssl", "knn_top1")) == 0).all()  # nothing else ran
 
 
 def served_model(client: MlflowClient, name: str) -> mlflow.pyfunc.PyFuncModel:
@@ -135,6 +175,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     assert (repro_repo / "plots/evaluate/detection_comparison.png").stat().st_size > 0
     check_deit_outputs(repro_repo, evaluate)
     check_served_models_agree_with_evaluate(repro_repo, evaluate)
+    check_first_report(repro_repo, evaluate)
 
     for arch in ("detr", "deformable"):  # every loss term of DETR's set loss, per epoch
         header = (repro_repo / f"plots/detr/{arch}/history.csv").read_text().splitlines()[0].split(",")
@@ -156,12 +197,18 @@ def test_dvc_repro_runs_every_stage_then_nothing(repro_repo):
     assert "evaluate:" in changed and "train_detr@detr:" in changed and "train_teacher:" not in changed
 
     # the other SSL method by a param change; MoCo also reports its pretext (instance) accuracy
+    knn_before = json.loads((repro_repo / "metrics/ssl.json").read_text())["knn_top1"]
     (repro_repo / "mocov2.yaml").write_text(yaml.safe_dump(smoke_params(ssl={"method": "mocov2"})))
     moco = run([sys.executable, "-m", "stages.pretrain_ssl", "--params", "mocov2.yaml"], repro_repo)
     assert moco.returncode == 0, moco.stdout + moco.stderr
     ssl = json.loads((repro_repo / "metrics/ssl.json").read_text())
     assert 0.0 <= ssl["pretext_top1"] <= 1.0 and 0.0 <= ssl["knn_top1"] <= 1.0
     assert "pretext_top1" in (repro_repo / "plots/ssl/history.csv").read_text().splitlines()[0]
+
+    # and a second report, on this run with one param changed
+    report = run([sys.executable, "-m", "stages.report", "--params", "mocov2.yaml"], repro_repo)
+    assert report.returncode == 0, report.stdout + report.stderr
+    check_second_report(repro_repo, knn_before, ssl["knn_top1"])
 
 
 # every model stage compiles (minutes each on 2 cores); the default run keeps CPU bf16 through
@@ -256,6 +303,14 @@ def test_prefect_flow_runs_each_stage_as_a_task_and_nests_mlflow_runs(tmp_path, 
         assert child.info.status == "FINISHED"
         assert "stage_time_s" in child.data.metrics
         assert len(child.data.tags["vitkit.dvc_stage_hash"]) == 64
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert "report/report.md" in logged  # the report goes to the flow's parent run
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    report = next(a for a in artifacts if a.key == "vitkit-report")
+    assert report.type == "markdown" and "## Are the differences real?" in report.data
     teacher = next(r for r in children if r.data.tags["vitkit.stage"] == "train_teacher")
     assert "val_top1" in teacher.data.metrics
     assert len(client.get_metric_history(teacher.info.run_id, "train_loss")) == 2  # one point per epoch

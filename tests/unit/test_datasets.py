@@ -50,8 +50,9 @@ def data_root(tmp_path_factory) -> Path:
 
 
 def test_load_imagefolder_tensors(data_root):
-    images, labels, classes = load_imagefolder_tensors(data_root / "classification" / "train")
+    images, labels, classes, names = load_imagefolder_tensors(data_root / "classification" / "train")
     assert classes == sorted(CLASSES)
+    assert names[4 + 2] == "square/000002.png" and len(names) == 12  # each image's path in the split
     assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64 and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     with Image.open(data_root / "classification" / "train" / "square" / "000002.png") as image:
@@ -70,7 +71,7 @@ def test_images_of_different_sizes_are_refused_naming_the_file(tmp_path):
 
 
 def test_tensor_dataset_applies_a_v2_transform(data_root):
-    images, labels, _ = load_imagefolder_tensors(data_root / "classification" / "val")
+    images, labels, *_ = load_imagefolder_tensors(data_root / "classification" / "val")
     dataset = TensorImageDataset(images, labels, v2.RandomHorizontalFlip(p=1.0))
     assert len(dataset) == 6
     image, label = dataset[3]

@@ -29,6 +29,48 @@ def test_dag_comes_from_dvc_yaml():
         "distill_deit@hard",
         "train_detr@deformable",
     }
+    assert "evaluate" in dag["report"]  # the report comes last: it reads what evaluate wrote
+
+
+def test_the_report_artifact_names_the_figures_prefect_cannot_show():
+    from flows.report_artifact import artifact_markdown
+
+    report = "# r\n\n![the comparisons](comparisons.png)\n\n| a |\n|---|\n| 1 |\n"
+    published = artifact_markdown(report)
+    assert "![" not in published and "`reports/report/comparisons.png`" in published
+    assert published.startswith("# r\n") and published.endswith("| 1 |\n")
+
+
+def test_the_flow_publishes_the_report_it_finds_as_a_markdown_artifact(tmp_path, prefect_harness):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.report_artifact import ARTIFACT_KEY, publish_report
+    from stages.paths import REPORT_DIR
+    from vitkit.report import MARKDOWN_NAME
+
+    (tmp_path / REPORT_DIR).mkdir(parents=True)
+    (tmp_path / REPORT_DIR / MARKDOWN_NAME).write_text(
+        "# run report\n\n![the comparisons](comparisons.png)\n"
+    )
+
+    @flow
+    def publishing() -> tuple[str | None, str | None]:
+        return publish_report(tmp_path), publish_report(tmp_path / "no-report-here")
+
+    state = publishing(return_state=True)
+    published, absent = state.result()
+    assert published is not None and absent is None
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    (artifact,) = artifacts
+    assert (artifact.key, artifact.type) == (ARTIFACT_KEY, "markdown")
+    assert artifact.data.startswith("# run report") and "reports/report/comparisons.png" in artifact.data
 
 
 def test_selecting_a_stage_brings_what_it_needs_in_order():

@@ -54,11 +54,13 @@ def _stack_images(paths: Sequence[Path], where: Path) -> torch.Tensor:
 
 
 class LabelledImages(NamedTuple):
-    """An in-memory labelled split: uint8 images (N, 3, H, W), int64 labels (N,), class names."""
+    """An in-memory labelled split: uint8 images (N, 3, H, W), int64 labels (N,), class names, and
+    each image's path within the split (``<class>/<file>``) where it was read from files."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    names: tuple[str, ...] = ()
 
 
 def load_imagefolder_tensors(split_dir: Path) -> LabelledImages:
@@ -77,7 +79,10 @@ def load_imagefolder_tensors(split_dir: Path) -> LabelledImages:
         files = _image_files(split_dir / name)
         paths += files
         labels += [label] * len(files)
-    return LabelledImages(_stack_images(paths, split_dir), torch.tensor(labels, dtype=torch.int64), classes)
+    names = tuple(path.relative_to(split_dir).as_posix() for path in paths)
+    return LabelledImages(
+        _stack_images(paths, split_dir), torch.tensor(labels, dtype=torch.int64), classes, names
+    )
 
 
 def load_image_dir_tensors(images_dir: Path) -> torch.Tensor:

@@ -34,6 +34,17 @@ def predict_logits(
     return torch.cat(outputs)
 
 
+def prediction_table(
+    names: Sequence[str], labels: torch.Tensor, classes: Sequence[str], predictions: dict[str, torch.Tensor]
+) -> pd.DataFrame:
+    """One row per test image (``image``: its path in the split, ``label``: its class) and one column
+    per model holding the class it predicted: what a paired comparison of two models reads."""
+    table = pd.DataFrame({"image": list(names), "label": [classes[i] for i in labels.tolist()]})
+    for model, predicted in predictions.items():
+        table[model] = [classes[i] for i in predicted.tolist()]
+    return table
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     k = min(k, logits.shape[1])
     hits = logits.topk(k, dim=1).indices.eq(labels[:, None]).any(dim=1)

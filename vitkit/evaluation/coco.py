@@ -38,14 +38,22 @@ def _empty_detections(coco_gt: COCO) -> COCO:
     return coco_dt
 
 
-def evaluate_coco(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
-    """Box AP / AR of COCO-format ``results`` (``image_id``, ``category_id``, ``bbox`` [x, y, w, h],
-    ``score``) against ``coco_gt``; keys are ``METRIC_NAMES``. No results score 0, not an error."""
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
+def matched_evaluator(coco_gt: COCO, results: list[dict]) -> COCOeval:
+    """A bbox ``COCOeval`` of ``results`` against ``coco_gt`` after ``evaluate()``: every image's
+    detections matched to its ground truth (``evalImgs``), nothing accumulated yet. Quiet."""
+    with contextlib.redirect_stdout(io.StringIO()):
         # loadRes adds keys (area, id, segmentation) to the dicts it is given: hand it copies.
         coco_dt = coco_gt.loadRes([dict(r) for r in results]) if results else _empty_detections(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         evaluator.evaluate()
+    return evaluator
+
+
+def evaluate_coco(coco_gt: COCO, results: list[dict]) -> dict[str, float]:
+    """Box AP / AR of COCO-format ``results`` (``image_id``, ``category_id``, ``bbox`` [x, y, w, h],
+    ``score``) against ``coco_gt``; keys are ``METRIC_NAMES``. No results score 0, not an error."""
+    evaluator = matched_evaluator(coco_gt, results)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
         evaluator.accumulate()
         evaluator.summarize()
     summary = printed.getvalue()

@@ -29,6 +29,11 @@ def predict_heads(
     return both[:, :num_classes], both[:, num_classes:]
 
 
+def deit_logits(cls_logits: torch.Tensor, dist_logits: torch.Tensor | None) -> torch.Tensor:
+    """DeiT's prediction: the mean of both heads' logits (without a distillation head, the class head's)."""
+    return cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
+
+
 def head_scores(
     cls_logits: torch.Tensor,
     dist_logits: torch.Tensor | None,
@@ -40,7 +45,7 @@ def head_scores(
     Without a distillation head, ``dist_top1`` is None and the prediction is the class head's.
     ``teacher_agreement``: how often the student's prediction is the teacher's argmax.
     """
-    average = cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
+    average = deit_logits(cls_logits, dist_logits)
     scores: dict[str, float | None] = {
         "cls_top1": topk_accuracy(cls_logits, labels, 1),
         "dist_top1": None if dist_logits is None else topk_accuracy(dist_logits, labels, 1),

@@ -27,7 +27,25 @@ def linear_probe(
     batch_size: int = 512,
     seed: int = 0,
 ) -> float:
-    """Train softmax regression with mini-batch AdamW + cosine decay; return test top-1 in [0, 1].
+    """Test top-1 in [0, 1] of ``linear_probe_predict`` (same arguments)."""
+    preds = linear_probe_predict(
+        train_feats, train_labels, test_feats, num_classes, epochs, lr, weight_decay, batch_size, seed
+    )
+    return (preds == test_labels).float().mean().item()
+
+
+def linear_probe_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    batch_size: int = 512,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Train softmax regression with mini-batch AdamW + cosine decay; each test feature's predicted class.
 
     Deterministic for a given ``seed`` (initialisation and batch order use their
     own generator, so the global RNG is left alone).
@@ -56,5 +74,4 @@ def linear_probe(
                 scheduler.step()
 
     with torch.no_grad():
-        preds = classifier(x_test).argmax(dim=1)
-    return (preds == test_labels).float().mean().item()
+        return classifier(x_test).argmax(dim=1)

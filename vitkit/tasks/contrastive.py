@@ -28,8 +28,8 @@ from vitkit.data.ssl_transforms import (
     normalize_transform,
 )
 from vitkit.engine.task import TrainingTask
-from vitkit.evaluation.knn import extract_features, knn_accuracy
-from vitkit.evaluation.linear_probe import linear_probe
+from vitkit.evaluation.knn import extract_features, knn_accuracy, weighted_knn_predict
+from vitkit.evaluation.linear_probe import linear_probe_predict
 from vitkit.models.resnet import build_resnet, load_backbone
 from vitkit.models.ssl import build_ssl_model
 
@@ -121,24 +121,28 @@ def evaluate_backbone(
     seed: int,
     device: torch.device,
     batch_size: int,
-) -> dict[str, dict[str, float]]:
-    """kNN and linear-probe test top-1 of a frozen SSL trunk and of its randomly initialised twin.
+) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """kNN and linear-probe test top-1 of a frozen SSL trunk and of its randomly initialised twin,
+    and each test image's predicted class (``ssl_knn``, ``ssl_linear_probe``, ``random_init_knn``...).
 
     Both read features of ``train`` (kNN memory, probe training set) and are scored on ``test``.
     """
-    rows = {}
+    rows, predictions = {}, {}
+    classes = len(train.classes)
     for name, weights in (("ssl", trunk_state), ("random_init", None)):
         torch.manual_seed(seed)
         trunk = load_trunk(meta, weights).to(device)
         train_feats, test_feats = (
             extract_features(trunk, split.images, batch_size, NORMALIZE) for split in (train, test)
         )
+        predictions[f"{name}_knn"] = weighted_knn_predict(
+            train_feats, train.labels, test_feats, classes, knn.k, knn.temperature
+        )
+        predictions[f"{name}_linear_probe"] = linear_probe_predict(
+            train_feats, train.labels, test_feats, classes, seed=seed
+        )
         rows[name] = {
-            "knn_top1": knn_accuracy(
-                train_feats, train.labels, test_feats, test.labels, len(train.classes), knn.k, knn.temperature
-            ),
-            "linear_probe_top1": linear_probe(
-                train_feats, train.labels, test_feats, test.labels, len(train.classes), seed=seed
-            ),
+            f"{method}_top1": (predictions[f"{name}_{method}"] == test.labels).float().mean().item()
+            for method in ("knn", "linear_probe")
         }
-    return rows
+    return rows, predictions

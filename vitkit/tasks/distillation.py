@@ -32,7 +32,7 @@ from vitkit.engine.task import TrainingTask
 from vitkit.errors import DataError
 from vitkit.evaluation.attention import save_attention_figure, token_attention_maps
 from vitkit.evaluation.classification import predict_logits
-from vitkit.evaluation.deit import head_scores, predict_heads
+from vitkit.evaluation.deit import deit_logits, head_scores, predict_heads
 from vitkit.losses.distillation import DistillationLoss, build_base_criterion
 from vitkit.models.vit import VisionTransformer, ViTConfig, build_vit, optimizer_param_groups, preset
 from vitkit.tasks.classifier import load_classifier
@@ -177,16 +177,18 @@ def evaluate_student(
     batch_size: int,
     shown: torch.Tensor,
     figure: Path,
-) -> dict[str, float | None]:
-    """Each head's test top-1, their average and teacher agreement; attention maps of the ``shown`` images."""
+) -> tuple[dict[str, float | None], torch.Tensor]:
+    """Each head's test top-1, their average and teacher agreement, and each test image's predicted
+    class (DeiT's: the heads' average); attention maps of the ``shown`` images."""
     model = load_student(state, meta).to(device)
     transform = eval_transform(meta["image_size"])
     cls_logits, dist_logits = predict_heads(model, test.images, transform, device, batch_size)
     inputs = transform(test.images[shown]).to(device)
-    predicted = (cls_logits if dist_logits is None else cls_logits + dist_logits)[shown].argmax(1)
+    predicted = deit_logits(cls_logits, dist_logits).argmax(dim=1)
     titles = [
-        f"{test.classes[t]} -> {test.classes[p]}" for t, p in zip(test.labels[shown], predicted, strict=True)
+        f"{test.classes[t]} -> {test.classes[p]}"
+        for t, p in zip(test.labels[shown], predicted[shown], strict=True)
     ]
     maps = token_attention_maps(model, inputs)
     save_attention_figure(inputs, maps, figure, IMAGENET_MEAN, IMAGENET_STD, titles)
-    return head_scores(cls_logits, dist_logits, test.labels, teacher_logits)
+    return head_scores(cls_logits, dist_logits, test.labels, teacher_logits), predicted
