@@ -18,7 +18,7 @@ import torch
 
 from stages import paths
 from stages.common import StageContext, stage_main
-from vitkit.data.datasets import load_imagefolder_tensors
+from vitkit.data.datasets import load_imagefolder
 from vitkit.engine.checkpoint import load_weights
 from vitkit.evaluation.detection import FINAL_COLUMNS
 from vitkit.io import write_csv, write_json
@@ -35,7 +35,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     def plot(name: str) -> Path:
         return ctx.path(out.plot(name))
 
-    train, test = (load_imagefolder_tensors(ctx.path(paths.CLASSIFICATION / s)) for s in ("train", "test"))
+    cache_mb = ctx.params.data.cache_mb
+    train, test = (load_imagefolder(ctx.path(paths.CLASSIFICATION / s), cache_mb) for s in ("train", "test"))
     state, meta = load_weights(ctx.path(paths.SSL.model))
     ssl = evaluate_backbone(state, meta, train, test, ctx.params.ssl.knn, ctx.params.seed, device, batch)
     write_csv(plot("ssl_vs_random.csv"), pd.DataFrame(ssl).T.rename_axis("backbone").reset_index())

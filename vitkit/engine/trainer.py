@@ -69,6 +69,7 @@ class TrainerConfig:
     num_workers: int
     checkpoint_every_steps: int
     check_every_steps: int  # steps between host reads of the losses (NaN guard, progress bar)
+    max_steps_per_epoch: int  # 0: whole epochs; otherwise each epoch stops after this many steps
     desc: str  # names the run in the progress bar and messages
     fingerprint: str  # a checkpoint resumes only a run with the same fingerprint
     repeated_augmentations: int = 1  # > 1: each image this many times per epoch (RASampler); 1 is off
@@ -184,6 +185,8 @@ class Trainer:
             generator=torch.Generator().manual_seed(dist.augmentation_seed(cfg.seed)),
         )
         self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         if self.steps_per_epoch == 0:
             raise TrainingError(
                 f"{cfg.desc}: batch_size {cfg.batch_size} is larger than the "
@@ -420,6 +423,8 @@ class Trainer:
                 )
             if checkpoint_due:
                 self.save()
+            if state.step_in_epoch == self.steps_per_epoch:  # the loader may hold more (max_steps_per_epoch)
+                break
         bar.close()
         elapsed = time.perf_counter() - start
         means = {f"train_{name}": total / max(steps, 1) for name, total in term_sums.items()}
