@@ -240,3 +240,12 @@ def test_max_steps_per_epoch_cuts_every_epoch_and_the_schedule_with_it(tmp_path)
     first, second = task.seen[:12], task.seen[12:]
     assert len(second) == 12 and first != second  # each epoch draws its own order from all 40
     assert history[-1]["lr"] < 1e-9  # the cosine schedule ends with the shortened epochs
+
+    def resumes(max_steps: int) -> bool:
+        cfg_again = cpu_trainer_config(
+            epochs=2, batch_size=4, lr=0.01, warmup_epochs=0.0, max_steps_per_epoch=max_steps
+        )
+        again = Trainer(CountingTask(), dataset, cfg_again, torch.device("cpu"), DistInfo(), tmp_path)
+        return again.try_resume()
+
+    assert resumes(3) and not resumes(4)  # other epochs, another schedule: not the same run

@@ -212,6 +212,7 @@ class Trainer:
             "epoch": self.state.epoch,
             "step_in_epoch": self.state.step_in_epoch,
             "global_step": self.state.global_step,
+            "steps_per_epoch": self.steps_per_epoch,  # engine.max_steps_per_epoch may have shortened it
             "history": self.state.history,
             "world_size": self.dist.world_size,
             "rng": all_gather_object(rng_state()),  # one per rank, indexed by rank
@@ -256,11 +257,16 @@ class Trainer:
         """
         if ckpt is None or ckpt.get("finished"):
             return False
-        if ckpt.get("fingerprint") != self.cfg.fingerprint or ckpt.get("world_size") != self.dist.world_size:
+        if (
+            ckpt.get("fingerprint") != self.cfg.fingerprint
+            or ckpt.get("world_size") != self.dist.world_size
+            or ckpt.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch
+        ):
             if self.dist.writes_files:
                 print(
-                    f"[{self.cfg.desc}] checkpoint in {self.checkpoint_dir} is from other params or another "
-                    f"number of processes (this run has {self.dist.world_size}); starting fresh"
+                    f"[{self.cfg.desc}] checkpoint in {self.checkpoint_dir} is from other params, another "
+                    f"number of processes (this run has {self.dist.world_size}) or other epochs (this "
+                    f"run has {self.steps_per_epoch} steps each); starting fresh"
                 )
             return False
         return True
