@@ -17,11 +17,15 @@ scales, its repository links both the kNN memory and queries to the small val sp
 Throughput (``--throughput``): ``train_teacher`` and ``pretrain_ssl`` for one epoch of the
 default profile on the default (generated) data, ``--repeats`` times per code tree, the trees
 alternating (``--code`` names them, e.g. an export of the previous commit; default: this tree);
-each run's images/s (the median over its epoch, from ``metrics/<key>_timing.json``) and wall
-time; the medians are compared. The default data is small and is held in memory by
+each run's images/s (the median over its epoch, from ``metrics/<key>_timing.json``), wall
+time and metrics (equal across trees when they read the same pixels in the same order); the
+medians are compared. The default data is small and is held in memory by
 ``data.cache_mb``.
 
     python benchmarks/bench_data_memory.py --throughput --code /tmp/before . --repeats 3
+
+``--train-per-class`` and ``--unlabeled`` shorten the epochs with fewer images of the same kind
+(a busy machine); images/s does not depend on the count.
 """
 
 from __future__ import annotations
@@ -165,12 +169,16 @@ def memory(args: argparse.Namespace, work: Path) -> dict:
     results = {}
     for size in args.sizes:
         raw, repo, ssl_repo = work / f"raw-{size}", work / f"repo-{size}", work / f"ssl-{size}"
-        started = time.perf_counter()
-        imagefolder, pool = build_raw_data(raw, size, args.image_size, args.workers)
-        print(
-            f"{size} images of {args.image_size} px written in {time.perf_counter() - started:.0f}s",
-            flush=True,
-        )
+        if args.reuse_data and (args.reuse_data / f"raw-{size}").is_dir():  # written by an earlier run
+            raw = args.reuse_data / f"raw-{size}"
+            imagefolder, pool = raw / "imagefolder", raw / "pool"
+        else:
+            started = time.perf_counter()
+            imagefolder, pool = build_raw_data(raw, size, args.image_size, args.workers)
+            print(
+                f"{size} images of {args.image_size} px written in {time.perf_counter() - started:.0f}s",
+                flush=True,
+            )
         overrides = {
             "engine": {"num_workers": args.workers, "max_steps_per_epoch": args.steps},
             "data": {
@@ -187,8 +195,15 @@ def memory(args: argparse.Namespace, work: Path) -> dict:
             "ssl": {"epochs": 1, "batch_size": args.batch_size},
         }
         write_params(repo, ROOT, overrides)
-        row = {"prepare": run_stage("prepare", repo, ROOT, str(size))}
-        shutil.rmtree(raw)  # ingested: only the prepared copy is read from here on
+        if args.skip_prepare:  # the generated folders already have prepare's layout and image size
+            (repo / "data" / "unlabeled").mkdir(parents=True)
+            (repo / "data" / "classification").symlink_to(imagefolder)
+            (repo / "data" / "unlabeled" / "images").symlink_to(pool)
+            row = {}
+        else:
+            row = {"prepare": run_stage("prepare", repo, ROOT, str(size))}
+            if not args.reuse_data:
+                shutil.rmtree(raw)  # ingested: only the prepared copy is read from here on
         row["train_teacher"] = run_stage("train_teacher", repo, ROOT, str(size))
         write_params(ssl_repo, ROOT, overrides)
         (ssl_repo / "data" / "classification").mkdir(parents=True)
@@ -211,10 +226,17 @@ def memory(args: argparse.Namespace, work: Path) -> dict:
 def throughput(args: argparse.Namespace, work: Path) -> dict:
     codes = [Path(code).resolve() for code in args.code]
     repo = work / "default"
-    overrides = {"teacher": {"init": "scratch", "epochs": 1}, "ssl": {"epochs": 1}}
+    overrides: dict = {"teacher": {"init": "scratch", "epochs": 1}, "ssl": {"epochs": 1}}
+    if args.train_per_class:  # fewer images of the same kind (32 px shapes, held in memory): shorter epochs
+        classification = {"shapes": {"train_per_class": args.train_per_class}}
+        overrides["data"] = {
+            "classification": classification,
+            "unlabeled": {"shapes": {"images": args.unlabeled}},
+            "detection": {"shapes": {"train_images": 16, "val_images": 8, "test_images": 8}},  # not read
+        }
     write_params(repo, codes[-1], overrides)
     run_stage("prepare", repo, codes[-1], "default")
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {
+    runs: dict[str, dict[str, list[dict]]] = {
         str(c): {"train_teacher": [], "pretrain_ssl": []} for c in codes
     }
     for repeat in range(args.repeats):
@@ -223,12 +245,14 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
             for stage, key in (("train_teacher", "teacher"), ("pretrain_ssl", "ssl")):
                 shutil.rmtree(repo / "checkpoints", ignore_errors=True)
                 numbers = run_stage(stage, repo, code, f"{repeat}-{code.name}")
-                numbers["images_per_s"] = json.loads((repo / "metrics" / f"{key}_timing.json").read_text())[
-                    "images_per_s"
-                ]
+                timing = json.loads((repo / "metrics" / f"{key}_timing.json").read_text())
+                numbers["images_per_s"] = timing["images_per_s"]
+                # what the stage learnt: the same data and seed must give the same numbers in every tree
+                numbers["metrics"] = json.loads((repo / "metrics" / f"{key}.json").read_text())
                 runs[str(code)][stage].append(numbers)
                 print(
-                    f"{code} {stage}: {numbers['images_per_s']:.0f} images/s, {numbers['wall_s']:.0f}s",
+                    f"{code} {stage}: {numbers['images_per_s']:.0f} images/s, {numbers['wall_s']:.0f}s, "
+                    f"metrics {numbers['metrics']}",
                     flush=True,
                 )
     summary = {
@@ -254,9 +278,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache-mb", type=int, default=0, help="data.cache_mb of the memory runs")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers and image writers")
+    parser.add_argument(
+        "--skip-prepare",
+        action="store_true",
+        help="train on the generated folders as they are (prepare's layout and size): no ingest measured",
+    )
+    parser.add_argument(
+        "--reuse-data", type=Path, default=None, help="take raw-<N>/ from here when it exists (kept)"
+    )
     parser.add_argument("--throughput", action="store_true", help="default-data throughput instead")
     parser.add_argument("--code", nargs="+", default=[str(ROOT)], help="code trees to compare (--throughput)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-per-class", type=int, default=0, help="--throughput: fewer train images")
+    parser.add_argument("--unlabeled", type=int, default=10_000, help="--throughput: with --train-per-class")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="where the data goes (default: a temp dir)"
     )
