@@ -11,6 +11,7 @@ and the medians are compared. The engine's time includes everything it adds
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from vitkit.data.datasets import TensorImageDataset, load_imagefolder_tensors
+from vitkit.data.datasets import LabelledImageDataset, load_imagefolder
 from vitkit.data.shapes import generate_classification
 from vitkit.data.transforms import train_transform
 from vitkit.engine.device import select_device
@@ -32,12 +33,12 @@ from vitkit.models.resnet import build_resnet
 
 def load_images(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if (data_dir / "train").is_dir():
-        images, labels, *_ = load_imagefolder_tensors(data_dir / "train")
-        return images, labels
+        images, labels, *_ = load_imagefolder(data_dir / "train", cache_mb=math.inf)  # in memory
+        return images[:], labels
     with tempfile.TemporaryDirectory() as tmp:
         generate_classification(Path(tmp), ["circle", "square", "triangle"], {"train": 200}, 32, seed=0)
-        images, labels, *_ = load_imagefolder_tensors(Path(tmp) / "train")
-        return images, labels
+        images, labels, *_ = load_imagefolder(Path(tmp) / "train", cache_mb=math.inf)
+        return images[:], labels
 
 
 def bare_loop(dataset, args, device) -> float:
@@ -85,6 +86,7 @@ def engine_loop(dataset, args, device, checkpoint_dir: Path) -> float:
         num_workers=0,
         checkpoint_every_steps=50,
         check_every_steps=10,
+        max_steps_per_epoch=0,
         desc="engine",
         fingerprint="",
         progress=True,
@@ -118,7 +120,7 @@ def main() -> None:
     device = select_device(args.device)
     images, labels = load_images(args.data)
     count = min(len(images), args.steps * args.batch_size)
-    dataset = Subset(TensorImageDataset(images, labels, train_transform(images.shape[-1])), range(count))
+    dataset = Subset(LabelledImageDataset(images, labels, train_transform(images.shape[-1])), range(count))
     print(
         f"device {device}, threads {torch.get_num_threads()}, {args.arch}/{args.stem}, "
         f"batch {args.batch_size}, {count // args.batch_size} steps x {args.repeats} repeats"

@@ -17,6 +17,7 @@ a process, so each method gets its own).
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import resource
 import statistics
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vitkit.config import SSLParams, load_params
-from vitkit.data.datasets import load_image_dir_tensors
+from vitkit.data.datasets import load_image_dir
 from vitkit.data.shapes import SHAPE_CLASSES, generate_unlabeled
 from vitkit.data.ssl_transforms import TwoViews, build_ssl_transform
 from vitkit.engine.device import select_device
@@ -51,7 +52,7 @@ def make_views(batch_size: int, steps: int, image_size: int) -> list[tuple[torch
     """``steps`` batches of two augmented views of synthetic shapes images."""
     with tempfile.TemporaryDirectory() as tmp:
         generate_unlabeled(Path(tmp), SHAPE_CLASSES, batch_size, image_size, seed=0)
-        images = load_image_dir_tensors(Path(tmp) / "images")
+        images = load_image_dir(Path(tmp) / "images", cache_mb=math.inf)[:]  # decoded before tmp goes
     two_views = TwoViews(build_ssl_transform(ssl_params().augmentation, image_size))
     batches = []
     for _ in range(steps):

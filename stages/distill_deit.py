@@ -19,7 +19,7 @@ import pandas as pd
 from stages import paths
 from stages.common import StageContext, stage_main
 from stages.publish import publish
-from vitkit.data.datasets import load_imagefolder_tensors
+from vitkit.data.datasets import load_imagefolder
 from vitkit.engine.checkpoint import load_weights
 from vitkit.engine.trainer import Trainer
 from vitkit.io import file_digest
@@ -38,7 +38,8 @@ from vitkit.tasks.distillation import (
 def run(ctx: StageContext) -> dict[str, float]:
     mode, p, seed = ctx.variant, ctx.params.deit, ctx.params.seed
     vit_config(p, ctx.params.data.classification.image_size, 1, mode != "none")  # bad sizes: before any data
-    train, val = (load_imagefolder_tensors(ctx.path(paths.CLASSIFICATION / s)) for s in ("train", "val"))
+    cache_mb = ctx.params.data.cache_mb
+    train, val = (load_imagefolder(ctx.path(paths.CLASSIFICATION / s), cache_mb) for s in ("train", "val"))
     dataset = train_dataset(train, p)
     teacher = ctx.path(paths.TEACHER.model) if mode != "none" else None
     task = DistillationTask(

@@ -20,7 +20,7 @@ import torch
 
 from stages import paths
 from stages.common import StageContext, stage_main
-from vitkit.data.datasets import load_imagefolder_tensors
+from vitkit.data.datasets import load_imagefolder
 from vitkit.engine.checkpoint import load_weights
 from vitkit.evaluation.classification import prediction_table
 from vitkit.evaluation.detection import FINAL_COLUMNS
@@ -38,7 +38,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     def plot(name: str) -> Path:
         return ctx.path(out.plot(name))
 
-    train, test = (load_imagefolder_tensors(ctx.path(paths.CLASSIFICATION / s)) for s in ("train", "test"))
+    cache_mb = ctx.params.data.cache_mb
+    train, test = (load_imagefolder(ctx.path(paths.CLASSIFICATION / s), cache_mb) for s in ("train", "test"))
     state, meta = load_weights(ctx.path(paths.SSL.model))
     knn, seed = ctx.params.ssl.knn, ctx.params.seed
     ssl, predictions = evaluate_backbone(state, meta, train, test, knn, seed, device, batch)

@@ -18,7 +18,7 @@ import pandas as pd
 from stages import paths
 from stages.common import StageContext, stage_main
 from stages.publish import publish
-from vitkit.data.datasets import load_image_dir_tensors, load_imagefolder_tensors
+from vitkit.data.datasets import load_image_dir, load_imagefolder
 from vitkit.data.ssl_transforms import plot_view_pairs
 from vitkit.engine.trainer import Trainer
 from vitkit.serving import EmbeddingModel
@@ -28,8 +28,9 @@ from vitkit.tasks.contrastive import ContrastiveTask, backbone_predictor, two_vi
 
 def run(ctx: StageContext) -> dict[str, float]:
     p, backbone, seed = ctx.params.ssl, ctx.params.backbone, ctx.params.seed
-    unlabeled = load_image_dir_tensors(ctx.path(paths.UNLABELED_IMAGES))
-    train, val = (load_imagefolder_tensors(ctx.path(paths.CLASSIFICATION / s)) for s in ("train", "val"))
+    cache_mb = ctx.params.data.cache_mb
+    unlabeled = load_image_dir(ctx.path(paths.UNLABELED_IMAGES), cache_mb)
+    train, val = (load_imagefolder(ctx.path(paths.CLASSIFICATION / s), cache_mb) for s in ("train", "val"))
     dataset = two_view_dataset(unlabeled, p)
     task = ContrastiveTask(p, backbone, train, val, ctx.params.evaluate.batch_size)
     random_init_knn = task.knn_top1(task.model) if ctx.dist.writes_files else math.nan

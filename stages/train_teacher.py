@@ -17,7 +17,7 @@ import pandas as pd
 from stages import paths
 from stages.common import StageContext, stage_main
 from stages.publish import publish
-from vitkit.data.datasets import load_imagefolder_tensors
+from vitkit.data.datasets import load_imagefolder
 from vitkit.engine.checkpoint import load_weights
 from vitkit.engine.trainer import Trainer
 from vitkit.errors import ConfigError
@@ -29,7 +29,8 @@ from vitkit.tasks.classifier import ClassifierTask, classifier_predictor, train_
 
 def run(ctx: StageContext) -> dict[str, float]:
     p, backbone, seed = ctx.params.teacher, ctx.params.backbone, ctx.params.seed
-    train, val = (load_imagefolder_tensors(ctx.path(paths.CLASSIFICATION / s)) for s in ("train", "val"))
+    cache_mb = ctx.params.data.cache_mb
+    train, val = (load_imagefolder(ctx.path(paths.CLASSIFICATION / s), cache_mb) for s in ("train", "val"))
     dataset = train_dataset(train, p, seed)
     init_from = ctx.path(paths.SSL.model) if p.init == "ssl" else None
     if init_from is not None and not init_from.is_file():

@@ -72,6 +72,7 @@ def main() -> int:
         num_workers=0,
         checkpoint_every_steps=5,
         check_every_steps=4,
+        max_steps_per_epoch=0,
         desc="tiny",
         fingerprint="tiny-v1",
         progress=False,

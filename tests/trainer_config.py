@@ -23,6 +23,7 @@ def cpu_trainer_config(**fields) -> TrainerConfig:
         num_workers=0,
         checkpoint_every_steps=50,
         check_every_steps=10,
+        max_steps_per_epoch=0,
         desc="train",
         fingerprint="",
         progress=False,

@@ -70,7 +70,7 @@ NonNegInt = Annotated[int, Field(ge=0)]
 # allocates, on any machine. What fits a given machine's memory is not checked.
 MAX_SEED = 2**32 - 1  # numpy seeds only from [0, 2**32 - 1] (np.random.seed)
 MAX_PROCESSES = 1024  # processes or threads of one kind
-MAX_IMAGES = 1_000_000  # images generated per count: all written to disk, the small ones held in memory
+MAX_IMAGES = 1_000_000  # images generated per count: all written to disk, read per item (data.cache_mb)
 MAX_BATCH = 65_536  # images in one batch (per process)
 MAX_WIDTH = 4096  # transformer width (DETR-R50: 256, ViT-H: 1280)
 MAX_FEEDFORWARD = 16_384  # hidden size of a feed-forward block or projection head (ViT-H: 5120)
@@ -161,6 +161,13 @@ class EngineParams(Section):
     )
     checkpoint_every_steps: PositiveInt = Field(
         description="Optimiser steps between resumable checkpoints (one is also written at every epoch end)."
+    )
+    max_steps_per_epoch: NonNegInt = Field(
+        description=(
+            "At most this many optimiser steps per epoch (0: the whole training set). Each epoch still "
+            "draws its order from the whole set; the lr schedule follows the shorter epochs. For quick "
+            "checks and benchmarks on a large dataset."
+        )
     )
     check_every_steps: PositiveInt = Field(
         description=(
@@ -290,6 +297,16 @@ class DataParams(Section):
     workers: ProcessCount = Field(
         description="Processes generating the shapes data. More than this machine's usable CPU cores are "
         "lowered to them, with a warning: every image has its own seed, so the data does not depend on it."
+    )
+    cache_mb: NonNegInt = Field(
+        description=(
+            "Memory budget per split for decoded images, in MB: a split (train, val, test, the unlabelled "
+            "pool) whose images decode to at most this is decoded once when a stage opens it and served "
+            "from memory; a larger one is read from disk per item, by the DataLoader workers "
+            "(`engine.num_workers`), so memory stays flat in the dataset size. Both give the same "
+            "batches; this sets speed and memory only, which is why the training stages do not list it "
+            "in their DVC params."
+        )
     )
     classification: ClassificationData = Field(description="The labelled classification splits.")
     detection: DetectionData = Field(description="The detection splits (COCO format).")

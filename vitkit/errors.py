@@ -12,7 +12,25 @@ USER_ERROR_EXIT_CODE = 2
 
 
 class VitkitError(Exception):
-    """A problem the user can fix; its message says which and how."""
+    """A problem the user can fix; its message says which and how.
+
+    One raised in a DataLoader worker (an image file that cannot be read) reaches the training
+    process re-created by torch from one string: "Caught DataError in DataLoader worker process 0",
+    the worker's traceback, and last the original message. Only that message is kept, so the
+    stage still prints one line that names the file.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_without_worker_traceback(message, type(self)))
+
+
+def _without_worker_traceback(message: str, error: type[Exception]) -> str:
+    """The original message inside torch's re-raise text of an error from a DataLoader worker."""
+    if not (message.startswith("Caught ") and "DataLoader worker" in message.partition("\n")[0]):
+        return message
+    last_line_prefix = f"\n{error.__module__}.{error.__qualname__}: "
+    _, found, original = message.rpartition(last_line_prefix)
+    return original.rstrip("\n") if found else message
 
 
 class ConfigError(VitkitError):

@@ -8,22 +8,28 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
+from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from vitkit.config import load_params
 from vitkit.data import shapes
 from vitkit.data.card import build_dataset_card, plot_samples
 from vitkit.data.datasets import (
     CocoDetection,
-    TensorImageDataset,
-    UnlabeledImages,
+    ImageFiles,
+    LabelledImageDataset,
     collate_detection,
-    load_image_dir_tensors,
-    load_imagefolder_tensors,
+    load_image_dir,
+    load_imagefolder,
 )
+from vitkit.data.samplers import EpochSampler
+from vitkit.data.transforms import train_transform
 from vitkit.errors import DataError
+from vitkit.tasks.contrastive import two_view_dataset
 
 CLASSES = ("circle", "square", "star")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -49,46 +55,107 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def test_load_imagefolder_tensors(data_root):
-    images, labels, classes, names = load_imagefolder_tensors(data_root / "classification" / "train")
-    assert classes == sorted(CLASSES)
+def _pil_pixels(path: Path) -> torch.Tensor:
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("cache_mb", [0, 1])
+def test_load_imagefolder_streamed_or_cached(data_root, cache_mb):
+    images, labels, classes, names = load_imagefolder(data_root / "classification" / "train", cache_mb)
     assert names[4 + 2] == "square/000002.png" and len(names) == 12  # each image's path in the split
-    assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8
+    assert isinstance(images, ImageFiles) and (images.cached is None) == (cache_mb == 0)
+    assert classes == sorted(CLASSES) and len(images) == 12 and images.shape == (12, 3, 32, 32)
     assert labels.dtype == torch.int64 and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    with Image.open(data_root / "classification" / "train" / "square" / "000002.png") as image:
-        expected = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-    assert torch.equal(images[4 + 2], expected)
+    expected = _pil_pixels(data_root / "classification" / "train" / "square" / "000002.png")
+    assert images[4 + 2].dtype == torch.uint8 and torch.equal(images[4 + 2], expected)
+    everything = torch.stack([_pil_pixels(images.path(i)) for i in range(12)])
+    assert torch.equal(images[:], everything) and torch.equal(images[-1], everything[-1])
+    assert torch.equal(images[2:9:3], everything[2:9:3])
+    assert torch.equal(images[torch.tensor([7, 0])], everything[[7, 0]])
+    assert torch.equal(images[[3]], everything[[3]]) and images[5:5].shape == (0, 3, 32, 32)
 
 
 def test_images_of_different_sizes_are_refused_naming_the_file(tmp_path):
     for name, size in (("a.png", (8, 8)), ("b.png", (8, 9))):
         (tmp_path / "cls").mkdir(exist_ok=True)
         Image.new("RGB", size).save(tmp_path / "cls" / name)
-    with pytest.raises(DataError, match=r"b\.png is 8x9 but .*a\.png is 8x8"):
-        load_imagefolder_tensors(tmp_path)
+    refused = r"b\.png is 8x9 but .*a\.png is 8x8"
+    with pytest.raises(DataError, match=refused):  # cached: when the split is opened
+        load_imagefolder(tmp_path, cache_mb=1)
+    streamed = load_imagefolder(tmp_path, cache_mb=0).images
+    with pytest.raises(DataError, match=refused):  # streamed: when the image is read
+        streamed[1]
     with pytest.raises(DataError, match="does not exist"):
-        load_imagefolder_tensors(tmp_path / "missing")
+        load_imagefolder(tmp_path / "missing", cache_mb=1)
 
 
-def test_tensor_dataset_applies_a_v2_transform(data_root):
-    images, labels, *_ = load_imagefolder_tensors(data_root / "classification" / "val")
-    dataset = TensorImageDataset(images, labels, v2.RandomHorizontalFlip(p=1.0))
+def test_a_broken_image_is_one_message_naming_it_even_from_a_dataloader_worker(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    (folder / "2.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"2\.png: not a readable image"):
+        load_image_dir(folder, cache_mb=1)
+    dataset = LabelledImageDataset(load_image_dir(folder, cache_mb=0), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(DataError) as raised:
+        list(DataLoader(dataset, batch_size=2, num_workers=1))
+    message = str(raised.value)
+    assert message.startswith(f"{folder / '2.png'}: not a readable image") and "Traceback" not in message
+    assert "run the prepare stage again" in message
+
+
+def test_labelled_dataset_applies_a_v2_transform(data_root):
+    images, labels, *_ = load_imagefolder(data_root / "classification" / "val", cache_mb=0)
+    dataset = LabelledImageDataset(images, labels, v2.RandomHorizontalFlip(p=1.0))
     assert len(dataset) == 6
     image, label = dataset[3]
     assert isinstance(image, tv_tensors.Image) and image.dtype == torch.uint8
     assert torch.equal(image, images[3].flip(-1)) and label == labels[3].item() == 1
-    batch_images, batch_labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
+    batch_images, batch_labels = next(iter(DataLoader(dataset, batch_size=4)))
     assert batch_images.shape == (4, 3, 32, 32) and batch_labels.dtype == torch.int64
     with pytest.raises(ValueError, match="uint8"):
-        TensorImageDataset(images.float(), labels)
+        LabelledImageDataset(images[:].float(), labels)
 
 
 def test_unlabeled_images(data_root):
-    images = load_image_dir_tensors(data_root / "unlabeled" / "images")
-    assert images.shape == (7, 3, 32, 32) and images.dtype == torch.uint8
-    views = UnlabeledImages(data_root / "unlabeled" / "images", transform=lambda x: (x, x.flip(-1)))
-    first, second = views[5]
-    assert len(views) == 7 and torch.equal(first, images[5]) and torch.equal(second, images[5].flip(-1))
+    images = load_image_dir(data_root / "unlabeled" / "images", cache_mb=0)
+    assert images.shape == (7, 3, 32, 32) and images.cached is None
+    assert torch.equal(images[5], _pil_pixels(data_root / "unlabeled" / "images" / "000005.png"))
+
+
+def _batches(dataset, workers: int) -> list:
+    """Two epochs of batches as the Trainer draws them (its sampler, worker seeds and global RNG)."""
+    torch.manual_seed(11)
+    sampler = EpochSampler(dataset, num_replicas=1, rank=0, seed=5)
+    seeds = torch.Generator().manual_seed(5)
+    loader = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers, generator=seeds)
+    batches = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches += list(loader)
+    return batches
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cached_and_streamed_splits_give_identical_batches_for_the_same_seed(data_root, workers):
+    split = data_root / "classification" / "train"
+    pool = data_root / "unlabeled" / "images"
+    ssl = load_params(ROOT / "params.yaml").ssl
+    runs = []
+    for cache_mb in (1, 0):
+        train = load_imagefolder(split, cache_mb)
+        unlabeled = load_image_dir(pool, cache_mb)
+        assert (train.images.cached is None, unlabeled.cached is None) == (cache_mb == 0,) * 2
+        teacher = LabelledImageDataset(train.images, train.labels, train_transform(32))
+        runs.append((_batches(teacher, workers), _batches(two_view_dataset(unlabeled, ssl), workers)))
+    (cached_teacher, cached_ssl), (streamed_teacher, streamed_ssl) = runs
+    for cached, streamed in ((cached_teacher, streamed_teacher), (cached_ssl, streamed_ssl)):
+        assert len(cached) == len(streamed) > 2
+        for a, b in zip(cached, streamed, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(cached_ssl[0][0], cached_ssl[0][1])  # the two views differ: augmentations ran
 
 
 def test_coco_detection_items_match_the_json(data_root, capsys):
@@ -136,7 +203,7 @@ def test_crowd_annotations_are_left_out_of_targets(data_root, tmp_path):
 
 
 def test_collate_detection_keeps_lists(data_root):
-    loader = torch.utils.data.DataLoader(
+    loader = DataLoader(
         CocoDetection(data_root / "detection" / "val"), batch_size=2, collate_fn=collate_detection
     )
     images, targets = next(iter(loader))

@@ -16,7 +16,7 @@ from torch import nn
 
 from tests.trainer_config import cpu_trainer_config
 from vitkit.config import load_params
-from vitkit.data.datasets import TensorImageDataset
+from vitkit.data.datasets import LabelledImageDataset
 from vitkit.data.transforms import train_transform
 from vitkit.engine.checkpoint import seed_everything
 from vitkit.engine.distributed import DistInfo
@@ -74,10 +74,10 @@ class RecordingTask(TrainingTask):
         return {"loss": loss}
 
 
-def _images(count: int = 16) -> TensorImageDataset:
+def _images(count: int = 16) -> LabelledImageDataset:
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (count, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
-    return TensorImageDataset(images, torch.arange(count) % 2, train_transform(SIZE))
+    return LabelledImageDataset(images, torch.arange(count) % 2, train_transform(SIZE))
 
 
 def _first_batch_and_init(info: DistInfo, tmp: Path, same_seed_everywhere: bool) -> dict:

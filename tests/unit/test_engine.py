@@ -218,3 +218,34 @@ def test_the_loop_reads_the_device_every_check_not_every_step(tmp_path, monkeypa
         return reads["n"]
 
     assert reads_in_a_run(80) - reads_in_a_run(40) == 40 // 10
+
+
+def test_max_steps_per_epoch_cuts_every_epoch_and_the_schedule_with_it(tmp_path):
+    class CountingTask(TrainingTask):
+        def __init__(self) -> None:
+            self.model = torch.nn.Linear(3, 1)
+            self.seen: list[int] = []
+
+        def step(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+            self.seen += batch[1].tolist()
+            return {"loss": model(batch[0]).square().mean()}
+
+    dataset = TensorDataset(torch.randn(40, 3), torch.arange(40))
+    cfg = cpu_trainer_config(epochs=2, batch_size=4, lr=0.01, warmup_epochs=0.0, max_steps_per_epoch=3)
+    task = CountingTask()
+    trainer = Trainer(task, dataset, cfg, torch.device("cpu"), DistInfo(), tmp_path)
+    assert trainer.steps_per_epoch == 3 and trainer.total_steps == 6
+    history = trainer.fit()
+    assert trainer.state.global_step == 6 and [row["epoch"] for row in history] == [1, 2]
+    first, second = task.seen[:12], task.seen[12:]
+    assert len(second) == 12 and first != second  # each epoch draws its own order from all 40
+    assert history[-1]["lr"] < 1e-9  # the cosine schedule ends with the shortened epochs
+
+    def resumes(max_steps: int) -> bool:
+        cfg_again = cpu_trainer_config(
+            epochs=2, batch_size=4, lr=0.01, warmup_epochs=0.0, max_steps_per_epoch=max_steps
+        )
+        again = Trainer(CountingTask(), dataset, cfg_again, torch.device("cpu"), DistInfo(), tmp_path)
+        return again.try_resume()
+
+    assert resumes(3) and not resumes(4)  # other epochs, another schedule: not the same run

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from vitkit.config import SSLAugmentation
+from vitkit.data.datasets import Images, check_images
 from vitkit.io import atomic_path
 
 BLUR_SIGMA = (0.1, 1.0)
@@ -64,18 +65,15 @@ class TwoViews:
 
 
 class TwoViewDataset(Dataset):
-    """Unlabelled uint8 images (N, 3, H, W) held in memory, served as two augmented views."""
+    """Unlabelled uint8 images (N, 3, H, W), in memory or read per item, served as two augmented views."""
 
-    def __init__(self, images: torch.Tensor, two_views: TwoViews) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {images.shape}"
-            )
+    def __init__(self, images: Images, two_views: TwoViews) -> None:
+        check_images(images)
         self.images = images
         self.two_views = two_views
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.two_views(self.images[index])
@@ -94,13 +92,13 @@ def _display(view: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
     return view.float().div(255) if view.dtype == torch.uint8 else view.clamp(0, 1)
 
 
-def plot_view_pairs(images: torch.Tensor, two_views: TwoViews, out_png: str | Path, n: int = 8) -> None:
+def plot_view_pairs(images: Images, two_views: TwoViews, out_png: str | Path, n: int = 8) -> None:
     """Figure of ``n`` originals (top row) and their two augmented views (rows 2 and 3).
 
     Written to a temporary file in the destination folder and renamed into place,
     so an interrupted run never leaves a truncated PNG behind.
     """
-    n = min(n, images.shape[0])
+    n = min(n, len(images))
     # a bare Figure renders with Agg without touching pyplot's global backend state
     fig = Figure(figsize=(1.2 * n, 3.8))
     axes = fig.subplots(3, n, squeeze=False)

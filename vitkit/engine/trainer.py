@@ -69,6 +69,7 @@ class TrainerConfig:
     num_workers: int
     checkpoint_every_steps: int
     check_every_steps: int  # steps between host reads of the losses (NaN guard, progress bar)
+    max_steps_per_epoch: int  # 0: whole epochs; otherwise each epoch stops after this many steps
     desc: str  # names the run in the progress bar and messages
     fingerprint: str  # a checkpoint resumes only a run with the same fingerprint
     repeated_augmentations: int = 1  # > 1: each image this many times per epoch (RASampler); 1 is off
@@ -184,6 +185,8 @@ class Trainer:
             generator=torch.Generator().manual_seed(dist.augmentation_seed(cfg.seed)),
         )
         self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         if self.steps_per_epoch == 0:
             raise TrainingError(
                 f"{cfg.desc}: batch_size {cfg.batch_size} is larger than the "
@@ -209,6 +212,7 @@ class Trainer:
             "epoch": self.state.epoch,
             "step_in_epoch": self.state.step_in_epoch,
             "global_step": self.state.global_step,
+            "steps_per_epoch": self.steps_per_epoch,  # engine.max_steps_per_epoch may have shortened it
             "history": self.state.history,
             "world_size": self.dist.world_size,
             "rng": all_gather_object(rng_state()),  # one per rank, indexed by rank
@@ -253,11 +257,16 @@ class Trainer:
         """
         if ckpt is None or ckpt.get("finished"):
             return False
-        if ckpt.get("fingerprint") != self.cfg.fingerprint or ckpt.get("world_size") != self.dist.world_size:
+        if (
+            ckpt.get("fingerprint") != self.cfg.fingerprint
+            or ckpt.get("world_size") != self.dist.world_size
+            or ckpt.get("steps_per_epoch", self.steps_per_epoch) != self.steps_per_epoch
+        ):
             if self.dist.writes_files:
                 print(
-                    f"[{self.cfg.desc}] checkpoint in {self.checkpoint_dir} is from other params or another "
-                    f"number of processes (this run has {self.dist.world_size}); starting fresh"
+                    f"[{self.cfg.desc}] checkpoint in {self.checkpoint_dir} is from other params, another "
+                    f"number of processes (this run has {self.dist.world_size}) or other epochs (this "
+                    f"run has {self.steps_per_epoch} steps each); starting fresh"
                 )
             return False
         return True
@@ -420,6 +429,8 @@ class Trainer:
                 )
             if checkpoint_due:
                 self.save()
+            if state.step_in_epoch == self.steps_per_epoch:  # the loader may hold more (max_steps_per_epoch)
+                break
         bar.close()
         elapsed = time.perf_counter() - start
         means = {f"train_{name}": total / max(steps, 1) for name, total in term_sums.items()}

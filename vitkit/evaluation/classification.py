@@ -13,18 +13,19 @@ import pandas as pd
 import torch
 from torch import nn
 
+from vitkit.data.datasets import Images
 from vitkit.io import atomic_path
 
 
 @torch.no_grad()
 def predict_logits(
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
+    images: Images,
     transform: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
     batch_size: int,
 ) -> torch.Tensor:
-    """Logits for uint8 images (N,3,H,W), in eval mode, batched."""
+    """Logits for uint8 images (N,3,H,W), in eval mode, batched (read one batch at a time)."""
     if isinstance(model, nn.Module):
         model.eval()
     outputs = [

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from vitkit.data.datasets import Images
 from vitkit.evaluation.classification import predict_logits, topk_accuracy
 from vitkit.models.vit import VisionTransformer
 
@@ -13,7 +14,7 @@ from vitkit.models.vit import VisionTransformer
 @torch.no_grad()
 def predict_heads(
     model: VisionTransformer,
-    images: torch.Tensor,
+    images: Images,
     transform: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
     batch_size: int,

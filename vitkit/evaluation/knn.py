@@ -15,15 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.data.datasets import Images
+
 
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
-    images_uint8: torch.Tensor,
+    images_uint8: Images,
     batch_size: int,
     normalize_fn: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """L2-normalised pooled features (N, D) of uint8 images (N, 3, H, W), on the CPU.
+
+    ``images_uint8`` is read one batch at a time (a tensor or ``ImageFiles``).
 
     ``backbone`` maps a normalised float batch to features: (N, D), or feature
     maps (N, C, H, W) which are global-average-pooled (e.g. a ResNet whose ``fc``
@@ -37,8 +41,8 @@ def extract_features(
     backbone.eval()
     try:
         feats = []
-        for batch in images_uint8.split(batch_size):
-            out = backbone(normalize_fn(batch.to(device)))
+        for start in range(0, len(images_uint8), batch_size):
+            out = backbone(normalize_fn(images_uint8[start : start + batch_size].to(device)))
             if out.ndim == 4:
                 out = out.mean(dim=(2, 3))
             feats.append(F.normalize(out.float(), dim=1).cpu())

@@ -38,6 +38,7 @@ def trainer_config(
         "num_workers": engine.num_workers,
         "checkpoint_every_steps": engine.checkpoint_every_steps,
         "check_every_steps": engine.check_every_steps,
+        "max_steps_per_epoch": engine.max_steps_per_epoch,
         "desc": desc,
         "fingerprint": fingerprint,
     }

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 
 from vitkit.config import BackboneParams, TeacherParams
-from vitkit.data.datasets import LabelledImages, TensorImageDataset
+from vitkit.data.datasets import LabelledImageDataset, LabelledImages
 from vitkit.data.transforms import eval_transform, train_transform
 from vitkit.engine.task import TrainingTask
 from vitkit.errors import ConfigError
@@ -39,12 +40,14 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch
     return torch.cat(keep).sort().values
 
 
-def train_dataset(train: LabelledImages, p: TeacherParams, seed: int) -> TensorImageDataset:
-    """``teacher.label_fraction`` of the labelled images (stratified), with the training augmentation."""
+def train_dataset(train: LabelledImages, p: TeacherParams, seed: int) -> Subset:
+    """``teacher.label_fraction`` of the labelled images (stratified), with the training augmentation.
+
+    A ``Subset`` of the whole split: its images are read (or taken from memory) only when sampled.
+    """
     subset = stratified_subset(train.labels, p.label_fraction, seed)
-    return TensorImageDataset(
-        train.images[subset], train.labels[subset], train_transform(train.images.shape[-1])
-    )
+    dataset = LabelledImageDataset(train.images, train.labels, train_transform(train.images.shape[-1]))
+    return Subset(dataset, subset.tolist())
 
 
 def load_classifier(state: dict[str, torch.Tensor], meta: dict) -> nn.Module:

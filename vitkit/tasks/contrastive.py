@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vitkit.config import BackboneParams, KnnMonitorParams, SSLParams
-from vitkit.data.datasets import LabelledImages
+from vitkit.data.datasets import Images, LabelledImages
 from vitkit.data.ssl_transforms import (
     MEAN,
     STD,
@@ -36,7 +36,7 @@ from vitkit.models.ssl import build_ssl_model
 NORMALIZE = normalize_transform(MEAN, STD)  # uint8 -> the SSL trunk's input
 
 
-def two_view_dataset(images: torch.Tensor, p: SSLParams) -> TwoViewDataset:
+def two_view_dataset(images: Images, p: SSLParams) -> TwoViewDataset:
     """Unlabelled images served as two random views with the ``ssl.augmentation`` strengths."""
     return TwoViewDataset(images, TwoViews(build_ssl_transform(p.augmentation, images.shape[-1])))
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vitkit.config import DeitParams
-from vitkit.data.datasets import LabelledImages, TensorImageDataset
+from vitkit.data.datasets import LabelledImageDataset, LabelledImages
 from vitkit.data.deit_transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -60,9 +60,9 @@ def scaled_lr(p: DeitParams, world_size: int) -> float:
     return p.lr * p.batch_size * world_size / 512
 
 
-def train_dataset(train: LabelledImages, p: DeitParams) -> TensorImageDataset:
+def train_dataset(train: LabelledImages, p: DeitParams) -> LabelledImageDataset:
     """The labelled images with DeiT's per-image augmentation (RandAugment, random erasing...)."""
-    return TensorImageDataset(
+    return LabelledImageDataset(
         train.images, train.labels, build_deit_train_transform(p, train.images.shape[-1])
     )
 
