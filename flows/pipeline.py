@@ -75,8 +75,7 @@ from flows.dvc_run import (
     stop_all,
 )
 from flows.workcopy import make_copy
-from vitkit import tracking
-from vitkit.config import PROFILES_DIR, flatten, parse_assignment, resolve_params
+from vitkit.config import PROFILES_DIR, Params, flatten, parse_assignment, resolve_params
 from vitkit.errors import USER_ERROR_EXIT_CODE, ConfigError, VitkitError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -167,11 +166,13 @@ def _tie_temporary_server() -> None:
     """Have the lifeline end Prefect's temporary server, should this process die without stopping it.
 
     Prefect stops the server it started for a flow run at the interpreter's exit, which a SIGKILL
-    skips; the server would then outlive the flow for good.
+    skips; the server would then outlive the flow for good. A process that started none has not
+    imported Prefect's server code, and is not made to (seconds of imports, e.g. in a served run).
     """
-    from prefect.server.api.server import SubprocessASGIServer
-
-    for server in list(SubprocessASGIServer._instances.values()):
+    server_code = sys.modules.get("prefect.server.api.server")
+    if server_code is None:
+        return
+    for server in list(server_code.SubprocessASGIServer._instances.values()):
         process = server.server_process
         if process is not None and process.poll() is None:
             lifeline.tie(process.pid)
@@ -221,12 +222,15 @@ def _flow_params(**values: Any) -> dict[str, str]:
     return {f"flow.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
 
 
-def _link_stage_runs(parent: tracking.StageRun, experiment_id: str, results: list[dict]) -> str:
+def _link_stage_runs(parent: Any, experiment_id: str, results: list[dict]) -> str:
     """A Prefect link artifact to each stage's MLflow run; the parent's note: what each stage did.
 
     A stage DVC did not run (up to date, or restored from the run-cache) has no run of this flow:
-    the note says so, and the parent's ``vitkit.skipped`` tag lists those stages.
+    the note says so, and the parent's ``vitkit.skipped`` tag lists those stages. ``parent``: the
+    flow's ``vitkit.tracking.StageRun``.
     """
+    from vitkit import tracking
+
     children = parent.client.search_runs(
         [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'"
     )
@@ -254,6 +258,25 @@ def _link_stage_runs(parent: tracking.StageRun, experiment_id: str, results: lis
         ),
     )
     return "\n".join(lines)
+
+
+def check_choices(
+    root: Path,
+    stages: list[str] | None,
+    profile: str | None,
+    overrides: dict[str, Any] | None,
+    dispatch: bool,
+) -> tuple[dict[str, Any], Params, dict[str, list[str]], list[str]]:
+    """What a user chose for a run, checked before anything runs (a ``ConfigError`` line if wrong):
+    the params changes and the params, the DAG and the stages selected."""
+    changes, params = resolve_params(root / "params.yaml", profile, overrides)
+    if dispatch and changes:
+        raise ConfigError(
+            "a profile or overrides cannot be dispatched: workers run the committed params.yaml; "
+            "commit the params change, or run without dispatch"
+        )
+    dag = read_dag(root)
+    return changes, params, dag, _with_upstream(dag, stages) if stages else list(dag)
 
 
 @flow(name="vitkit-pipeline", log_prints=True)
@@ -299,19 +322,15 @@ def pipeline(
     logger = get_run_logger()
     _tie_temporary_server()
     root = Path(repo_root) if repo_root else REPO_ROOT
-    try:  # everything a user chose, checked before anything runs
-        changes, params = resolve_params(root / "params.yaml", profile, overrides)
-        if dispatch and changes:
-            raise ConfigError(
-                "a profile or overrides cannot be dispatched: workers run the committed params.yaml; "
-                "commit the params change, or run without dispatch"
-            )
-        dag = read_dag(root)
-        selected = _with_upstream(dag, stages) if stages else list(dag)
+    try:
+        changes, params, dag, selected = check_choices(root, stages, profile, overrides, dispatch)
     except VitkitError as exc:
         message = f"error: [pipeline] {exc}"
         logger.error(message)
         return Failed(message=message)
+    # imported once the parameters are known good: MLflow's import is most of this flow's start-up
+    from vitkit import tracking
+
     order = [s for s in TopologicalSorter({s: dag[s] for s in selected}).static_order() if s in selected]
     logger.info("DAG from dvc.yaml: %s", {s: dag[s] for s in order})
     flow_run = _flow_run_info()
@@ -499,11 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile or overrides:
             flow_params |= {"profile": args.profile, "overrides": overrides}
         if not (args.serve or args.deploy):  # fail before a flow run starts
-            changes, _ = resolve_params(REPO_ROOT / "params.yaml", args.profile, overrides)
-            if args.dispatch and changes:
-                raise ConfigError("a profile or overrides cannot be dispatched: workers run committed params")
-            dag = read_dag(REPO_ROOT)
-            selected = _with_upstream(dag, args.stages) if args.stages else list(dag)
+            *_, selected = check_choices(REPO_ROOT, args.stages, args.profile, overrides, args.dispatch)
             if args.dispatch:
                 classes = read_resource_classes(REPO_ROOT)
                 plan_dispatch(REPO_ROOT, {s: classes[s] for s in selected}, pools, args.repo_url)

@@ -46,6 +46,10 @@ def test_a_bad_override_fails_the_flow_run_in_seconds_with_one_line_and_no_retry
     assert flow_run.run_count == 1 and tasks == []  # not retried, no stage started
     assert not (repo / "mlflow.db").exists() and not (repo / ".vitkit").exists()
 
+    unknown = pipeline(repo_root=str(repo), stages=["train_teachr"], return_state=True)
+    assert unknown.is_failed()
+    assert unknown.message.startswith("error: [pipeline] unknown stage(s) train_teachr; dvc.yaml has ")
+
 
 def served(repo: Path, api_url: str, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": api_url}
@@ -94,7 +98,7 @@ def test_a_deployment_run_with_an_override_runs_what_it_changes_and_links_mlflow
             bad_s = time.perf_counter() - start
             print(f"bad override: Failed {bad_s:.1f} s after run_deployment")
             assert bad.state.is_failed() and bad.state.message == BAD_OVERRIDE_LINE
-            assert bad_s < 15, bad_s
+            assert bad_s < 20, bad_s  # ~5 s on an idle 2-core machine: a 2 s poll, a process start, imports
             with get_client(sync_client=True) as client:
                 bad_run = client.read_flow_run(bad.id)
             assert bad_run.run_count == 1

@@ -243,3 +243,20 @@ def test_progress_on_a_terminal_keeps_refreshing_every_second():
     bar = progress_bar(100, "x", True, file=Terminal())
     assert bar.mininterval == 1.0 and not math.isinf(bar.maxinterval)
     bar.close()
+
+
+def test_make_mlflow_ui_prints_the_runs_page_of_the_experiment(tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(tracking.MLFLOW_UI_ENV, raising=False)
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert tracking._main(["url"]) == 0
+    assert "http://127.0.0.1:5000 (no run of experiment 'vitkit' yet)" in capsys.readouterr().out
+    experiment_id = mlflow.MlflowClient(uri).create_experiment("vitkit")
+    assert tracking._main(["url"]) == 0
+    assert (
+        capsys.readouterr().out.strip().endswith(f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
+    )
