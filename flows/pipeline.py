@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
@@ -53,6 +54,7 @@ os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")
 import prefect
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.exceptions import FailedRun
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -67,6 +69,7 @@ from flows.dispatch import (
     plan_dispatch,
 )
 from flows.dvc_run import (
+    USER_ERROR_MARK,
     allow_starts,
     clear_reused_pid_locks,
     is_transient,
@@ -79,6 +82,22 @@ from vitkit.config import PROFILES_DIR, Params, flatten, parse_assignment, resol
 from vitkit.errors import USER_ERROR_EXIT_CODE, ConfigError, VitkitError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _OneLineUserErrors(logging.Filter):
+    """Drops the traceback Prefect's engine logs when a deployment run ends Failed because this flow
+    refused the user's input: its one ``error: [...]`` line is already in the run's log.
+
+    The engine of a served or worker-run flow re-raises a Failed final state and logs that as
+    "unexpected exception", traceback and all, into the flow run's log (what the UI shows).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, FailedRun) and str(exc).startswith(USER_ERROR_MARK))
+
+
+logging.getLogger("prefect.flow_runs").addFilter(_OneLineUserErrors())
 DESCRIPTION = "vitkit: SSL -> teacher -> DeiT / DETR -> evaluate -> report, run through DVC"
 
 

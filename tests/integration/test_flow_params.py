@@ -6,6 +6,7 @@ in a smoke project; ``run_deployment`` is the API call the UI's "Custom run" mak
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def served(repo: Path, api_url: str, log: Path) -> subprocess.Popen:
 @pytest.mark.slow  # a smoke prepare + SSL + teacher, then the teacher again, and two servers: ~3 min
 def test_a_deployment_run_with_an_override_runs_what_it_changes_and_links_mlflow(tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
     from prefect.deployments import run_deployment
     from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -101,7 +102,11 @@ def test_a_deployment_run_with_an_override_runs_what_it_changes_and_links_mlflow
             assert bad_s < 20, bad_s  # ~5 s on an idle 2-core machine: a 2 s poll, a process start, imports
             with get_client(sync_client=True) as client:
                 bad_run = client.read_flow_run(bad.id)
+                logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[bad.id])))
             assert bad_run.run_count == 1
+            errors = [log.message for log in logs if log.level >= logging.ERROR]
+            assert errors == [BAD_OVERRIDE_LINE]  # what the UI's log shows: one line, no traceback
+            assert not any("Traceback" in log.message for log in logs)
 
             # a stage name dvc.yaml does not have: the server refuses the run before it exists
             with pytest.raises(PrefectHTTPStatusError) as refused:
@@ -126,7 +131,7 @@ def test_a_deployment_run_with_an_override_runs_what_it_changes_and_links_mlflow
     assert statuses == {"prepare": "Completed", "pretrain_ssl": "Completed", "train_teacher": "Completed"}
     assert (repo / "params.yaml").read_text() == params_before  # the checkout stays true
     assert (repo / "dvc.lock").read_text() == lock_before
-    assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "train_teacher"], repo).stdout
     copy = repo / ".vitkit" / "runs" / good.name
     assert yaml.safe_load((copy / "params.yaml").read_text())["teacher"]["epochs"] == changed
 

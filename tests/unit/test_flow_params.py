@@ -260,3 +260,21 @@ def test_make_mlflow_ui_prints_the_runs_page_of_the_experiment(tmp_path, monkeyp
     assert (
         capsys.readouterr().out.strip().endswith(f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")
     )
+
+
+def test_a_refused_run_leaves_no_engine_traceback_in_its_log():
+    """Prefect's engine logs a deployment run's Failed final state with a traceback; for the one
+    line this flow already logged about the user's input, that record is dropped."""
+    import logging
+
+    from prefect.exceptions import FailedRun
+
+    logger = logging.getLogger("prefect.flow_runs")
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        info = (type(exc), exc, None)
+        return logger.makeRecord(logger.name, logging.ERROR, __file__, 1, "Engine execution exited", (), info)
+
+    assert not logger.filter(record(FailedRun("error: [pipeline] overrides: teacher.epoch: unknown key")))
+    assert logger.filter(record(FailedRun("stage train_teacher failed (dvc exit code 1)")))
+    assert logger.filter(record(RuntimeError("error: [pipeline] not a failed run")))
