@@ -102,7 +102,7 @@ def make_copy(
     restored = subprocess.run(
         ["dvc", "checkout", "--quiet"], cwd=where, capture_output=True, text=True, timeout=1800
     )
-    if restored.returncode != 0:  # outputs the cache does not hold: their stages run
-        logger.info("dvc checkout in the copy: some outputs are not in the cache (their stages run)")
+    if restored.returncode != 0:  # outputs the checkout never made, or that its cache lost
+        logger.info("the copy lacks outputs the cache does not hold: the stages that make them run")
     logger.info("running in %s: %s at %s with %s", where, checkout.name, commit[:12], dict(overrides))
     return where

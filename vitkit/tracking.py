@@ -29,11 +29,13 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -43,7 +45,8 @@ from typing import Any
 
 import psutil
 
-from vitkit.errors import TrackingError
+from vitkit.config import load_params
+from vitkit.errors import USER_ERROR_EXIT_CODE, TrackingError, VitkitError
 
 PARENT_RUN_ENV = "VITKIT_MLFLOW_PARENT_RUN_ID"
 FLOW_RUN_ENV = "VITKIT_FLOW_RUN"  # JSON {"id", "name", "url"} of the Prefect flow run a stage runs under
@@ -435,12 +438,6 @@ def stage_run(
 
 def _main(argv: list[str] | None = None) -> int:
     """``python -m vitkit.tracking url``: the MLflow UI page of the experiment's runs."""
-    import argparse
-    import sys
-
-    from vitkit.config import load_params
-    from vitkit.errors import USER_ERROR_EXIT_CODE, VitkitError
-
     parser = argparse.ArgumentParser(prog="python -m vitkit.tracking", description=_main.__doc__)
     parser.add_argument("command", choices=["url"], help="print the runs page of the experiment")
     parser.add_argument("--params", default="params.yaml", help="params file naming the experiment")
