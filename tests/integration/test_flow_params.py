@@ -68,7 +68,7 @@ def test_a_deployment_run_with_an_override_runs_what_it_changes_and_links_mlflow
     from tests.loopback import prefect_server
 
     repo = make_pipeline_repo(tmp_path / "checkout")
-    first = run([sys.executable, "-m", "flows.pipeline", "--stages", "train_teacher"], repo, timeout=1200)
+    first = run([sys.executable, "-m", "flows.pipeline", "--stages", "train_teacher"], repo, timeout=2400)
     assert first.returncode == 0, first.stdout + first.stderr[-3000:]
     params_before, lock_before = (repo / "params.yaml").read_text(), (repo / "dvc.lock").read_text()
     teacher_epochs = yaml.safe_load(params_before)["teacher"]["epochs"]

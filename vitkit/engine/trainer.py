@@ -412,9 +412,9 @@ class Trainer:
             ):
                 last_loss = self._read_losses()
                 self._pending_from = state.step_in_epoch
-                bar.set_postfix(
-                    loss=f"{last_loss:.4f}", img_s=f"{images / (time.perf_counter() - start):.0f}"
-                )
+                speed = f"{images / (time.perf_counter() - start):.0f}"
+                # shown at the bar's next redraw: a redraw of its own would be a log line in a pipe
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=speed, refresh=False)
             if checkpoint_due:
                 self.save()
         bar.close()
