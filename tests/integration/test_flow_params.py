@@ -151,8 +151,9 @@ def test_a_deployment_run_with_an_override_runs_what_it_changes_and_links_mlflow
     )
     assert [c.info.run_name for c in children] == [f"train_teacher · {good.name}"]
     assert children[0].data.params["teacher.epochs"] == str(changed)
-    links = {a.key: a.data for a in artifacts if a.type == "link" and a.flow_run_id == good.id}
-    assert links["mlflow-pipeline"] == (
-        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
-    )
-    assert links["mlflow-train-teacher"].endswith(f"/runs/{children[0].info.run_id}")
+    # Prefect keeps a link artifact as markdown: [text](url)
+    links = {a.key: a.data for a in artifacts if a.flow_run_id == good.id and a.key.startswith("mlflow-")}
+    parent_url = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}"
+    assert links["mlflow-pipeline"] == f"[MLflow: pipeline · {good.name}]({parent_url})"
+    assert links["mlflow-train-teacher"].endswith(f"/runs/{children[0].info.run_id})")
+    assert set(links) == {"mlflow-pipeline", "mlflow-train-teacher"}  # no run, no link, for skipped stages
