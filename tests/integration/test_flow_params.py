@@ -102,7 +102,15 @@ def test_a_deployment_run_with_an_override_runs_what_it_changes_and_links_mlflow
             assert bad_s < 20, bad_s  # ~5 s on an idle 2-core machine: a 2 s poll, a process start, imports
             with get_client(sync_client=True) as client:
                 bad_run = client.read_flow_run(bad.id)
-                logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[bad.id])))
+                of_bad_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[bad.id]))
+                # logs reach the server in batches, after the state: wait for the run's last line
+                wait_for(
+                    lambda: any("Finished in state" in log.message for log in client.read_logs(of_bad_run)),
+                    30,
+                    "logs",
+                )
+                time.sleep(3)  # what the engine logs after that line (a traceback, unfiltered) too
+                logs = client.read_logs(of_bad_run)
             assert bad_run.run_count == 1
             errors = [log.message for log in logs if log.level >= logging.ERROR]
             assert errors == [BAD_OVERRIDE_LINE]  # what the UI's log shows: one line, no traceback
