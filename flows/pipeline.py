@@ -221,6 +221,12 @@ def _metric_rows(repo_root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _metric_name(key: str) -> str:
+    """``evaluate/detection.detr.val_AP@2`` -> ``evaluate/detection.detr.val_AP_2``: MLflow takes only
+    letters, digits, ``_ - . : /`` and spaces in a metric's name."""
+    return re.sub(r"[^\w.\- :/]", "_", key)
+
+
 def _flow_run_info() -> dict[str, str]:
     """This flow run's id, name and UI URL (no URL with Prefect's temporary server, which has no UI)."""
     from prefect.settings import PREFECT_UI_URL
@@ -393,7 +399,7 @@ def pipeline(
                 job["up_to_date"] = stage not in to_run
         results = _run_all(order, dag, jobs, dispatch_stage if plan else run_stage, max_parallel)
         rows = _metric_rows(run_root)
-        summary = {f"{row['file']}/{row['metric']}": row["value"] for row in rows}
+        summary = {_metric_name(f"{row['file']}/{row['metric']}"): row["value"] for row in rows}
         parent.log_metrics(summary)
         stages_table = _link_stage_runs(parent, experiment_id, results)
     create_table_artifact(table=results, key="vitkit-stages", description="What each stage did in this run")

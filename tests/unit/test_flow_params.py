@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import _clean_key, _deployment, _metric_rows, _with_upstream, pipeline, read_dag
+from flows.pipeline import (
+    _clean_key,
+    _deployment,
+    _metric_name,
+    _metric_rows,
+    _with_upstream,
+    pipeline,
+    read_dag,
+)
 from flows.workcopy import RUNS_DIR, make_copy
 from vitkit import tracking
 from vitkit.config import parse_assignment, resolve_params
@@ -134,6 +142,11 @@ def test_metric_rows_list_every_metrics_file_with_clean_keys(tmp_path):
         ("teacher", "train_images"): 10,
     }
     assert _clean_key("detection.detr.AP") == "detection.detr.AP"
+    # a metric name MLflow takes, for every key (evaluate.json has keys such as val_AP@2)
+    assert _metric_name("evaluate/detection.detr.val_AP@2") == "evaluate/detection.detr.val_AP_2"
+    from mlflow.utils.validation import _validate_metric_name
+
+    _validate_metric_name(_metric_name("deit/hard/x@1 (best)"))
 
 
 def test_mlflow_links_point_at_the_ui_that_shows_the_store(monkeypatch):
