@@ -46,6 +46,7 @@ gpu-check: install
 	$(BIN)/python benchmarks/gpu_check.py
 
 mlflow-ui: install
+	MLFLOW_TRACKING_URI=sqlite:///$(abspath mlflow.db) $(BIN)/python -m vitkit.tracking url
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --port 5000
 
 prefect-ui: install

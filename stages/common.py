@@ -173,6 +173,8 @@ def stage_main(
                     "vitkit.world_size": str(dist.world_size),
                 }
                 flat = flatten(params.model_dump(mode="json"))
+                if variant:  # DeiT mode, detector arch: what tells the runs of one stage apart
+                    flat["variant"] = variant
                 with tracking.stage_run(label, repo_root, params.mlflow.experiment, flat, tags) as stage_run:
                     metrics = run(StageContext(label, params, repo_root, device, dist, stage_run, variant))
                     stage_run.log_metrics({"stage_time_s": time.perf_counter() - started})

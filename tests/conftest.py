@@ -33,7 +33,7 @@ os.environ.update(
 )
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-PROJECT_FILES = ("dvc.yaml", "stages", "vitkit", "flows", "profiles", "pyproject.toml")
+PROJECT_FILES = ("dvc.yaml", "stages", "vitkit", "flows", "profiles", "pyproject.toml", ".dvcignore")
 
 
 def smoke_params(**overrides: dict) -> dict:

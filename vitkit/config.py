@@ -18,13 +18,15 @@ reference, or ``python -m vitkit.config profile smoke`` to print the
 from __future__ import annotations
 
 import argparse
+import copy
+import difflib
 import inspect
 import io
 import json
 import shlex
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -775,6 +777,85 @@ def profile_overrides(name: str) -> dict[str, Any]:
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown profile {name!r}; known profiles: {known}")
     return read_yaml(path, "profile") or {}
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"teacher.epochs=2"`` -> ``("teacher.epochs", 2)``, as ``dvc exp run -S`` takes them: a dotted
+    key and a value read as YAML (``2`` a number, ``[96, 128]`` a list, ``null``, else a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. teacher.epochs=2")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        parsed = value  # not YAML (an unclosed bracket...): the text itself, which the schema then judges
+    return key.strip(), parsed
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set ``tree[a][b] = value`` for ``key`` ``a.b``; a key ``tree`` does not have is a ``ConfigError``."""
+    node: Any = tree
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            known = list(flatten(tree)) + [k for k in _section_keys(tree)]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{source}: {key}: unknown key{hint} (docs/params.md lists every key)")
+        if depth == len(parts) - 1:
+            merge = isinstance(node[part], dict) and isinstance(value, dict)  # a section: its keys one by one
+            node[part] = deep_merge(node[part], value) if merge else value
+        else:
+            node = node[part]
+
+
+def _section_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of the mappings in ``tree`` (``teacher``, ``data.classification``...)."""
+    keys = []
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            keys += [f"{prefix}{name}", *_section_keys(value, f"{prefix}{name}.")]
+    return keys
+
+
+def _get_dotted(tree: Mapping[str, Any], key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def resolve_params(
+    path: Path | str, profile: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], Params]:
+    """``path``'s params with a profile and dotted-key overrides applied, validated before anything runs.
+
+    Returns the overrides as they are written into a params file (each value as the schema read
+    it: ``"2"`` for an int becomes ``2``; a profile's keys first, then ``overrides``, which win) and
+    the validated params. The file itself is checked as every stage checks it (``load_params``); a
+    bad profile or override is one ``ConfigError`` line naming the key: an unknown key (with the
+    closest known one), a wrong type or a value out of range.
+    """
+    load_params(path)
+    raw = read_yaml(path)
+    wanted = flatten(profile_overrides(profile)) if profile else {}
+    source = f"profile {profile}"
+    for key, value in wanted.items():
+        _set_dotted(raw, key, value, source)
+    for key, value in (overrides or {}).items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"overrides: {key!r}: a key is a dotted name such as teacher.epochs")
+        source = "overrides"
+        _set_dotted(raw, key, copy.deepcopy(value), source)
+        wanted[key] = value
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        where = "overrides" if overrides else f"profile {profile}"
+        raise ConfigError(f"{where}: {'; '.join(problems)}") from None
+    validated = params.model_dump(mode="json")
+    return {key: _get_dotted(validated, key) for key in wanted}, params
 
 
 # ------------------------------------------------------------------ the params reference

@@ -8,7 +8,11 @@
   through it with ``mlflow server --artifacts-destination``), so nothing lands in the client's checkout.
 - One run per stage, tagged with the stage name, the git commit and the
   stage's DVC hash; under a Prefect flow run the flow's parent run id arrives
-  through ``VITKIT_MLFLOW_PARENT_RUN_ID`` and stage runs become its children.
+  through ``VITKIT_MLFLOW_PARENT_RUN_ID`` and stage runs become its children, and the flow run
+  (id, name, URL: ``VITKIT_FLOW_RUN``) names them ``<stage> · <flow run name>`` and is tagged on
+  them, so the runs of two flow runs differ by name and each leads back to its flow run.
+- The MLflow UI's page of a run: ``run_url`` (a tracking server's own address; for the local
+  sqlite store, the ``make mlflow-ui`` address, ``$VITKIT_MLFLOW_UI_URL`` to choose another).
 - Per-epoch metrics go in one ``log_batch`` call per epoch, not one call per number.
 - A tracking server that cannot be reached is reported before any work starts, in seconds (MLflow
   itself retries for minutes).
@@ -25,10 +29,13 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,9 +45,14 @@ from typing import Any
 
 import psutil
 
-from vitkit.errors import TrackingError
+from vitkit.config import load_params
+from vitkit.errors import USER_ERROR_EXIT_CODE, TrackingError, VitkitError
 
 PARENT_RUN_ENV = "VITKIT_MLFLOW_PARENT_RUN_ID"
+FLOW_RUN_ENV = "VITKIT_FLOW_RUN"  # JSON {"id", "name", "url"} of the Prefect flow run a stage runs under
+MLFLOW_UI_ENV = "VITKIT_MLFLOW_UI_URL"
+LOCAL_UI_URL = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves the local sqlite store
+FLOW_RUN_TAGS = {"id": "vitkit.flow_run.id", "name": "vitkit.flow_run.name", "url": "vitkit.flow_run.url"}
 TELEMETRY_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 # MLflow's own defaults (7 retries with exponential backoff, 120 s per request) make a server that
@@ -76,6 +88,31 @@ def tracking_uri(repo_root: Path) -> str:
 
 def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
+
+
+def ui_url(uri: str) -> str:
+    """The MLflow UI that shows the runs of ``uri``: a tracking server itself, else ``make mlflow-ui``'s."""
+    return uri.rstrip("/") if is_remote(uri) else os.environ.get(MLFLOW_UI_ENV, LOCAL_UI_URL).rstrip("/")
+
+
+def runs_page_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs table (MLflow 3 opens an experiment on another tab by default)."""
+    return f"{ui_url(uri)}/#/experiments/{experiment_id}/runs"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{runs_page_url(uri, experiment_id)}/{run_id}"
+
+
+def flow_run_from_env() -> dict[str, str]:
+    """The Prefect flow run a stage runs under (id, name, URL), or {} outside a flow."""
+    try:
+        found = json.loads(os.environ.get(FLOW_RUN_ENV) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {k: str(v) for k, v in found.items() if k in FLOW_RUN_TAGS and v}
 
 
 def artifact_location(uri: str) -> str | None:
@@ -356,27 +393,33 @@ def stage_run(
     experiment: str,
     params: Mapping[str, Any],
     extra_tags: Mapping[str, str] | None = None,
+    run_name: str | None = None,
 ) -> Iterator[StageRun]:
     """Open the stage's run (as a child of the flow's run when there is one) and close it with its status.
 
-    Earlier runs of the stage whose process died are marked KILLED first. The run ends FINISHED,
-    KILLED on Ctrl-C, FAILED on any other exception.
+    Named ``run_name``, else ``<stage> · <flow run name>`` under a flow run, else ``<stage>``. Earlier
+    runs of the stage whose process died are marked KILLED first. The run ends FINISHED, KILLED on
+    Ctrl-C, FAILED on any other exception.
     """
     uri = tracking_uri(repo_root)
     mlflow.set_tracking_uri(uri)
     experiment_id = ensure_experiment(experiment, uri)
     for run_id in end_stale_runs(MlflowClient(uri), experiment_id, stage):
         print(f"[{stage}] run {run_id} was left RUNNING by a process that died: marked KILLED", flush=True)
+    flow_run = flow_run_from_env()
     tags = {
         STAGE_TAG: stage,
         "mlflow.source.git.commit": git_commit(repo_root),
         **process_tags(),
+        **{FLOW_RUN_TAGS[k]: v for k, v in flow_run.items()},
         **(extra_tags or {}),
     }
+    if run_name is None:
+        run_name = f"{stage} · {flow_run['name']}" if "name" in flow_run else stage
     parent = os.environ.get(PARENT_RUN_ENV) or None
     nested = mlflow.active_run() is not None
     run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, parent_run_id=parent, nested=nested, tags=tags
+        experiment_id=experiment_id, run_name=run_name, parent_run_id=parent, nested=nested, tags=tags
     )
     handle = StageRun(run.info.run_id, stage, uri)
     status = RunStatus.FINISHED
@@ -391,3 +434,28 @@ def stage_run(
         raise
     finally:
         handle.end(RunStatus.to_string(status))
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m vitkit.tracking url``: the MLflow UI page of the experiment's runs."""
+    parser = argparse.ArgumentParser(prog="python -m vitkit.tracking", description=_main.__doc__)
+    parser.add_argument("command", choices=["url"], help="print the runs page of the experiment")
+    parser.add_argument("--params", default="params.yaml", help="params file naming the experiment")
+    args = parser.parse_args(argv)
+    try:
+        name = load_params(args.params).mlflow.experiment
+        uri = tracking_uri(Path.cwd())
+        with _one_quick_try():
+            experiment = MlflowClient(uri).get_experiment_by_name(name)
+    except VitkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    if experiment is None:
+        print(f"MLflow UI: {ui_url(uri)} (no run of experiment '{name}' yet)")
+    else:
+        print(f"MLflow runs of '{name}': {runs_page_url(uri, experiment.experiment_id)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -295,12 +295,18 @@ def test_prefect_flow_runs_each_stage_as_a_task_and_nests_mlflow_runs(tmp_path, 
 
     client = MlflowClient(f"sqlite:///{repo}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("vitkit").experiment_id])
-    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    parents = [r for r in runs if r.data.tags["vitkit.stage"] == "pipeline"]
     assert len(parents) == 1
+    flow_run_name = parents[0].data.tags["vitkit.flow_run.name"]
+    assert parents[0].info.run_name == f"pipeline · {flow_run_name}"
+    assert parents[0].data.tags["vitkit.skipped"] == "none"
+    summary = set(parents[0].data.metrics)  # every stage's final metrics, on the parent
+    assert {"teacher/val_top1", "deit/hard/val_avg_top1", "detr/deformable/val_AP"} <= summary
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["vitkit.stage"] for r in children) == sorted(stages)
     for child in children:
         assert child.info.status == "FINISHED"
+        assert child.info.run_name == f"{child.data.tags['vitkit.stage']} · {flow_run_name}"
         assert "stage_time_s" in child.data.metrics
         assert len(child.data.tags["vitkit.dvc_stage_hash"]) == 64
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}

@@ -249,3 +249,30 @@ def test_max_steps_per_epoch_cuts_every_epoch_and_the_schedule_with_it(tmp_path)
         return again.try_resume()
 
     assert resumes(3) and not resumes(4)  # other epochs, another schedule: not the same run
+
+
+def test_progress_into_a_pipe_is_a_few_lines_per_epoch(tmp_path, capsys):
+    """With bars on and stderr not a terminal (a Prefect task log), an epoch of 40 steps with a
+    loss check every 2 steps and a checkpoint every 5 draws its bar 6 times, not at every check."""
+    torch.manual_seed(0)
+    dataset = TensorDataset(torch.randn(160, 3), torch.zeros(160, dtype=torch.long))
+
+    class LineTask(TrainingTask):
+        def __init__(self) -> None:
+            self.model = torch.nn.Linear(3, 1)
+
+        def step(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+            return {"loss": (model(batch[0]) - 1.0).square().mean()}
+
+        def validate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
+            return {}
+
+    cfg = cpu_trainer_config(
+        epochs=2, batch_size=4, lr=0.05, progress=True, check_every_steps=2, checkpoint_every_steps=5
+    )
+    Trainer(LineTask(), dataset, cfg, torch.device("cpu"), DistInfo(), tmp_path).fit()
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    for epoch in (1, 2):
+        drawn = [line for line in lines if line.startswith(f"train {epoch}/2")]
+        assert len(drawn) == 6, drawn  # 0, 10, 20, 30, 40 steps and the closing line
+        assert "loss=" in drawn[-1]  # the postfix still shows, at the bar's own redraws

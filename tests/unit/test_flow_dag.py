@@ -10,6 +10,7 @@ from prefect.states import Failed
 
 from flows.dvc_run import StageFailed, StageInputError, is_transient
 from flows.pipeline import _with_upstream, read_dag, stages_to_run
+from vitkit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +77,7 @@ def test_the_flow_publishes_the_report_it_finds_as_a_markdown_artifact(tmp_path,
 def test_selecting_a_stage_brings_what_it_needs_in_order():
     dag = {"a": [], "b": ["a"], "c": ["a"], "d": ["b"]}
     assert _with_upstream(dag, ["d"]) == ["a", "b", "d"]
-    with pytest.raises(ValueError, match="unknown stage"):
+    with pytest.raises(ConfigError, match="unknown stage"):
         _with_upstream(dag, ["x"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -37,6 +38,17 @@ def test_stage_arguments_and_variant_name(tmp_path: Path, monkeypatch):
     client = MlflowClient(tracking.tracking_uri(tmp_path))
     (logged,) = client.search_runs([client.get_experiment_by_name("vitkit").experiment_id])
     assert logged.info.run_name == "demo@hard" and logged.data.tags["vitkit.stage"] == "demo@hard"
+    assert logged.data.params["variant"] == "hard"  # what tells the runs of demo apart in a comparison
+
+    # under a flow run: named after it, tagged with it, so two flow runs' runs differ
+    flow_run = {"id": "0b7c", "name": "brave-owl", "url": "http://127.0.0.1:4200/flow-runs/flow-run/0b7c"}
+    monkeypatch.setenv(tracking.FLOW_RUN_ENV, json.dumps(flow_run))
+    assert stage_main("demo", "A demo stage.", run, variants=["none", "hard"], argv=argv) == 0
+    (named,) = client.search_runs(
+        [client.get_experiment_by_name("vitkit").experiment_id], "tags.`vitkit.flow_run.id` = '0b7c'"
+    )
+    assert named.info.run_name == "demo@hard · brave-owl"
+    assert named.data.tags["vitkit.flow_run.url"] == flow_run["url"]
 
 
 def test_help_lists_the_stage_arguments(capsys):

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
+
+from vitkit.progress import progress_bar
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "cross")
 
@@ -445,7 +446,7 @@ class _DetectionJob:
 
 def _run(job: Callable, items: list, workers: int, progress: bool, desc: str) -> list:
     """Map ``job`` over ``items`` in order, in-process or on a spawn pool (safe after torch import)."""
-    bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="img")
+    bar = progress_bar(len(items), desc, progress, unit="img")
     results = []
     if workers <= 1:
         for item in items:

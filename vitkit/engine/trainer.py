@@ -31,7 +31,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from vitkit.data.samplers import EpochSampler, RASampler
 from vitkit.engine.checkpoint import (
@@ -46,7 +45,7 @@ from vitkit.engine.distributed import DistInfo, all_gather_object, all_reduce_me
 from vitkit.engine.task import TrainingTask
 from vitkit.errors import TrainingError, VitkitError
 from vitkit.io import check_writable
-from vitkit.progress import progress_enabled
+from vitkit.progress import progress_bar, progress_enabled
 
 EpochHook = Callable[[dict[str, float]], None]
 
@@ -374,13 +373,11 @@ class Trainer:
         cfg, state = self.cfg, self.state
         self.train_model.train()
         self.sampler.set_epoch(state.epoch, start_index=state.step_in_epoch * cfg.batch_size)
-        bar = tqdm(
-            total=self.steps_per_epoch,
+        bar = progress_bar(
+            self.steps_per_epoch,
+            f"{cfg.desc} {state.epoch + 1}/{cfg.epochs}",
+            cfg.progress and self.dist.is_main,
             initial=state.step_in_epoch,
-            desc=f"{cfg.desc} {state.epoch + 1}/{cfg.epochs}",
-            disable=not (cfg.progress and self.dist.is_main),
-            mininterval=1.0,
-            dynamic_ncols=True,
         )
         # every term the task returns, summed on the device: read back once, at the end of the epoch
         term_sums: dict[str, torch.Tensor] = {}
@@ -424,9 +421,9 @@ class Trainer:
             ):
                 last_loss = self._read_losses()
                 self._pending_from = state.step_in_epoch
-                bar.set_postfix(
-                    loss=f"{last_loss:.4f}", img_s=f"{images / (time.perf_counter() - start):.0f}"
-                )
+                speed = f"{images / (time.perf_counter() - start):.0f}"
+                # shown at the bar's next redraw: a redraw of its own would be a log line in a pipe
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=speed, refresh=False)
             if checkpoint_due:
                 self.save()
             if state.step_in_epoch == self.steps_per_epoch:  # the loader may hold more (max_steps_per_epoch)
