@@ -19,7 +19,11 @@ def test_every_stage_declares_its_resource_class_in_dvc_yaml():
         if s.partition("@")[0] in ("pretrain_ssl", "train_teacher", "train_detr", "distill_deit")
     }
     assert len(trainings) == 7 and all(classes[s] == "gpu" for s in trainings)
-    assert {s: c for s, c in classes.items() if s not in trainings} == {"prepare": "cpu", "evaluate": "cpu"}
+    assert {s: c for s, c in classes.items() if s not in trainings} == {
+        "prepare": "cpu",
+        "evaluate": "cpu",
+        "report": "cpu",
+    }
 
 
 def test_a_stage_without_a_resource_class_is_named(tmp_path):
