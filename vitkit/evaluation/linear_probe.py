@@ -10,6 +10,8 @@ feature scales differ by orders of magnitude.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,16 +23,10 @@ def linear_probe(
     test_feats: torch.Tensor,
     test_labels: torch.Tensor,
     num_classes: int,
-    epochs: int = 100,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-4,
-    batch_size: int = 512,
-    seed: int = 0,
+    **options: Any,
 ) -> float:
-    """Test top-1 in [0, 1] of ``linear_probe_predict`` (same arguments)."""
-    preds = linear_probe_predict(
-        train_feats, train_labels, test_feats, num_classes, epochs, lr, weight_decay, batch_size, seed
-    )
+    """Test top-1 in [0, 1] of ``linear_probe_predict``, whose keyword ``options`` (and defaults) it takes."""
+    preds = linear_probe_predict(train_feats, train_labels, test_feats, num_classes, **options)
     return (preds == test_labels).float().mean().item()
 
 
