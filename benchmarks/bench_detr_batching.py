@@ -109,7 +109,7 @@ class PerLayerMatcher(HungarianMatcher):
 
 def make_batches(args: argparse.Namespace, count: int) -> list[tuple[list[Tensor], list[dict]]]:
     """``count`` batches through the training transforms: random 128 px images, 1-6 boxes each."""
-    transform = train_transforms(args.scales, crop=not args.no_crop)
+    transform = train_transforms(args.scales, 0.5, crop=not args.no_crop)
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     batches = []

@@ -53,7 +53,8 @@ def make_views(batch_size: int, steps: int, image_size: int) -> list[tuple[torch
     with tempfile.TemporaryDirectory() as tmp:
         generate_unlabeled(Path(tmp), SHAPE_CLASSES, batch_size, image_size, seed=0)
         images = load_image_dir(Path(tmp) / "images", cache_mb=math.inf)[:]  # decoded before tmp goes
-    two_views = TwoViews(build_ssl_transform(ssl_params().augmentation, image_size))
+    hflip = load_params(PARAMS).data.hflip
+    two_views = TwoViews(build_ssl_transform(ssl_params().augmentation, image_size, hflip))
     batches = []
     for _ in range(steps):
         pairs = [two_views(image) for image in images]

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitkit.config import EngineParams, OptimParams, Params, deep_merge, profile_overrides, validate_params
 from vitkit.data.datasets import LabelledImages
+from vitkit.data.shapes import SHAPE_CLASSES
 from vitkit.engine.device import AMP_MODES, autocast, set_tf32
 from vitkit.engine.task import TrainingTask
 from vitkit.engine.trainer import build_optimizer
@@ -72,7 +73,7 @@ def build(model: str, params: Params, device: torch.device) -> tuple[TrainingTas
     """``model``'s task on ``device``, one synthetic batch of its params' shape, its optimiser params."""
     gen = torch.Generator().manual_seed(0)
     side = params.data.classification.image_size
-    classes = [f"c{i}" for i in range(len(params.data.classes))]
+    classes = [f"c{i}" for i in range(len(params.data.classes or SHAPE_CLASSES))]
     small = LabelledImages(
         torch.randint(0, 256, (8, 3, side, side), dtype=torch.uint8, generator=gen),
         torch.arange(8) % 2,

@@ -40,7 +40,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     vit_config(p, ctx.params.data.classification.image_size, 1, mode != "none")  # bad sizes: before any data
     cache_mb = ctx.params.data.cache_mb
     train, val = (load_imagefolder(ctx.path(paths.CLASSIFICATION / s), cache_mb) for s in ("train", "val"))
-    dataset = train_dataset(train, p)
+    dataset = train_dataset(train, p, ctx.params.data.hflip)
     teacher = ctx.path(paths.TEACHER.model) if mode != "none" else None
     task = DistillationTask(
         p, mode, val, ctx.params.evaluate.batch_size, ctx.device, load_weights(teacher) if teacher else None

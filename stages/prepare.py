@@ -26,10 +26,19 @@ from vitkit.progress import progress_enabled
 SPLITS = ("train", "val", "test")
 
 
+def shape_classes(ctx: StageContext) -> list[str]:
+    """The shapes generated data draws: ``data.classes`` when the classification data is generated
+    too, else (own classification data, whose classes those are) every shape."""
+    data = ctx.params.data
+    if data.classification.source == "shapes" and data.classes is not None:
+        return list(data.classes)
+    return list(shapes.SHAPE_CLASSES)
+
+
 def prepare_classification(ctx: StageContext, out: Path, workers: int) -> None:
     cfg, data = ctx.params.data.classification, ctx.params.data
     if cfg.source == "imagefolder":
-        ingest.ingest_imagefolder(Path(cfg.path), out, SPLITS, cfg.image_size)
+        ingest.ingest_imagefolder(Path(cfg.path), out, SPLITS, cfg.image_size, data.classes)
         return
     counts = {
         "train": cfg.shapes.train_per_class,
@@ -37,12 +46,12 @@ def prepare_classification(ctx: StageContext, out: Path, workers: int) -> None:
         "test": cfg.shapes.test_per_class,
     }
     shapes.generate_classification(
-        out, data.classes, counts, cfg.image_size, ctx.params.seed, workers, progress_enabled()
+        out, shape_classes(ctx), counts, cfg.image_size, ctx.params.seed, workers, progress_enabled()
     )
 
 
 def prepare_detection(ctx: StageContext, out: Path, workers: int) -> None:
-    cfg, data = ctx.params.data.detection, ctx.params.data
+    cfg = ctx.params.data.detection
     if cfg.source == "coco":
         # validate every split, and their categories against train's, before writing any, so a bad
         # test split does not leave a new train split
@@ -52,12 +61,15 @@ def prepare_detection(ctx: StageContext, out: Path, workers: int) -> None:
         }
         ingest.check_coco_splits(validated)
         for split in SPLITS:
-            ingest.ingest_coco(Path(cfg.coco[split].annotations), Path(cfg.coco[split].images), out / split)
+            coco = cfg.coco[split]
+            ingest.ingest_coco(
+                Path(coco.annotations), Path(coco.images), out / split, max_size=cfg.image_size
+            )
         return
     s = cfg.shapes
     counts = {"train": s.train_images, "val": s.val_images, "test": s.test_images}
     shapes.generate_detection(
-        out, data.classes, counts, cfg.image_size, s.min_objects, s.max_objects, s.min_object_size,
+        out, shape_classes(ctx), counts, cfg.image_size, s.min_objects, s.max_objects, s.min_object_size,
         s.max_object_size, ctx.params.seed, workers, progress_enabled(),
     )  # fmt: skip
 
@@ -69,19 +81,19 @@ def prepare_unlabeled(ctx: StageContext, out: Path, workers: int) -> None:
         ingest.ingest_image_dir(Path(cfg.path), out, size)
         return
     shapes.generate_unlabeled(
-        out, data.classes, cfg.shapes.images, size, ctx.params.seed, workers, progress_enabled()
+        out, shape_classes(ctx), cfg.shapes.images, size, ctx.params.seed, workers, progress_enabled()
     )
 
 
 def check_shape_classes(ctx: StageContext) -> None:
-    """Generated data can only draw the shapes the generator knows."""
+    """Generated classification data can only draw the shapes the generator knows."""
     data = ctx.params.data
-    sources = (data.classification.source, data.detection.source, data.unlabeled.source)
-    unknown = [c for c in data.classes if c not in shapes.SHAPE_CLASSES]
-    if "shapes" in sources and unknown:
+    unknown = [c for c in data.classes or () if c not in shapes.SHAPE_CLASSES]
+    if data.classification.source == "shapes" and unknown:
         raise ConfigError(
             f"data.classes: {unknown} are not shapes the generator draws; choose from "
-            f"{list(shapes.SHAPE_CLASSES)} (data.classes applies to generated data only)"
+            f"{list(shapes.SHAPE_CLASSES)}, or null for all of them (for own data, set "
+            "data.classification.source: imagefolder: data.classes then names its class folders)"
         )
 
 

@@ -31,7 +31,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     cache_mb = ctx.params.data.cache_mb
     unlabeled = load_image_dir(ctx.path(paths.UNLABELED_IMAGES), cache_mb)
     train, val = (load_imagefolder(ctx.path(paths.CLASSIFICATION / s), cache_mb) for s in ("train", "val"))
-    dataset = two_view_dataset(unlabeled, p)
+    dataset = two_view_dataset(unlabeled, p, ctx.params.data.hflip)
     task = ContrastiveTask(p, backbone, train, val, ctx.params.evaluate.batch_size)
     random_init_knn = task.knn_top1(task.model) if ctx.dist.writes_files else math.nan
     cfg = trainer_config(

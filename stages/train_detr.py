@@ -51,7 +51,10 @@ def trunk_init(ctx: StageContext) -> dict | None:
 
 def run(ctx: StageContext) -> dict[str, float]:
     arch, p = ctx.variant, ctx.params.detr_training
-    train = CocoDetection(ctx.path(paths.DETECTION / "train"), train_transforms(p.train_scales, crop=p.crop))
+    train = CocoDetection(
+        ctx.path(paths.DETECTION / "train"),
+        train_transforms(p.train_scales, ctx.params.data.hflip, crop=p.crop),
+    )
     val = CocoDetection(ctx.path(paths.DETECTION / "val"), eval_transforms(p.eval_size))
     ids = [c["id"] for c in train.categories]
     if not ids or min(ids) < 0 or max(ids) > MAX_CATEGORY_ID:  # prepare checks them; guard the allocation

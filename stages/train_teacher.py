@@ -31,7 +31,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     p, backbone, seed = ctx.params.teacher, ctx.params.backbone, ctx.params.seed
     cache_mb = ctx.params.data.cache_mb
     train, val = (load_imagefolder(ctx.path(paths.CLASSIFICATION / s), cache_mb) for s in ("train", "val"))
-    dataset = train_dataset(train, p, seed)
+    dataset = train_dataset(train, p, seed, ctx.params.data.hflip)
     init_from = ctx.path(paths.SSL.model) if p.init == "ssl" else None
     if init_from is not None and not init_from.is_file():
         raise ConfigError(f"teacher.init is 'ssl' but {init_from} does not exist; run pretrain_ssl first")

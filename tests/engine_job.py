@@ -73,6 +73,7 @@ def main() -> int:
         checkpoint_every_steps=5,
         check_every_steps=4,
         max_steps_per_epoch=0,
+        min_steps=0,
         desc="tiny",
         fingerprint="tiny-v1",
         progress=False,

@@ -24,6 +24,7 @@ def cpu_trainer_config(**fields) -> TrainerConfig:
         checkpoint_every_steps=50,
         check_every_steps=10,
         max_steps_per_epoch=0,
+        min_steps=0,
         desc="train",
         fingerprint="",
         progress=False,

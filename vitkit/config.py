@@ -171,6 +171,14 @@ class EngineParams(Section):
             "checks and benchmarks on a large dataset."
         )
     )
+    min_steps: NonNegInt = Field(
+        description=(
+            "Fewest optimiser steps a model stage trains for. Schedules are in epochs, sized for the default "
+            "data; on a smaller dataset they would end after a handful of steps and learn nothing, so when "
+            "epochs x steps per epoch falls short of this, the stage trains for more epochs (the warmup "
+            "keeps its share of them) and logs a warning saying so. 0 keeps the epochs as given."
+        )
+    )
     check_every_steps: PositiveInt = Field(
         description=(
             "Optimiser steps between the loop's reads of the losses on the host: the non-finite-loss guard "
@@ -199,7 +207,8 @@ class ClassificationData(Section):
         description="ImageFolder root (train/ val/ test/<class>/<image>); needed when source is imagefolder."
     )
     image_size: Annotated[int, Field(ge=8, le=1024)] = Field(
-        description="Side of the square images in pixels (also the unlabelled pool's size)."
+        description="Side of the square images in pixels (also the unlabelled pool's size). Own images are "
+        "resized with their aspect ratio kept, the shorter side to this, and centre-cropped to a square."
     )
     shapes: ShapesClassification = Field(description="Split sizes when source is shapes.")
 
@@ -253,7 +262,10 @@ class DetectionData(Section):
         description="`shapes`: generate the synthetic shapes; `coco`: ingest the splits listed in `coco`."
     )
     image_size: Annotated[int, Field(ge=32, le=2048)] = Field(
-        description="Side of the generated square images in pixels."
+        description="Generated data: side of the square images in pixels. COCO data: the most pixels "
+        "an image's longer side keeps; larger images are scaled down to it with their aspect ratio kept "
+        "(boxes with them), smaller ones are kept as they are. Training then resizes to "
+        "`detr_training.train_scales`."
     )
     coco: dict[Literal["train", "val", "test"], CocoSplit] | None = Field(
         description="The train, val and test splits to ingest; needed when source is coco."
@@ -292,9 +304,23 @@ class UnlabeledData(Section):
 class DataParams(Section):
     """The three datasets the prepare stage writes under data/: classification, detection, unlabelled."""
 
-    classes: NameList = Field(
-        description="Shape classes of the generated data, in label order "
-        "(any of circle, square, triangle, star, hexagon, cross; checked by the prepare stage)."
+    classes: NameList | None = Field(
+        description=(
+            "The classes of the classification data, in the order reports and served models list them "
+            "(labels follow the sorted names). Generated data (`classification.source: shapes`): the "
+            "shapes drawn in all three generated datasets, any of circle, square, triangle, star, "
+            "hexagon, cross. An ImageFolder (`imagefolder`): the class folders to use, each in every "
+            "split; other folders are left out, with a warning (generated detection or unlabelled data "
+            "then draws every shape). null: every shape, or every class folder. COCO detection data "
+            "takes its classes from its annotations' categories."
+        )
+    )
+    hflip: Probability = Field(
+        description=(
+            "Probability of a horizontal flip in every training augmentation (the SSL views, the teacher, "
+            "DeiT, DETR). 0.5 for data a mirror image does not change (photos, the shapes); 0 for data "
+            "it does (text, digits, left/right labels)."
+        )
     )
     workers: ProcessCount = Field(
         description="Processes generating the shapes data. More than this machine's usable CPU cores are "

@@ -111,10 +111,10 @@ def read_images(frame: pd.DataFrame, image_size: int | None) -> list[Tensor]:
     return images
 
 
-def display_order(trained: Sequence[str], preferred: Sequence[str]) -> list[str]:
+def display_order(trained: Sequence[str], preferred: Sequence[str] | None) -> list[str]:
     """The order to report classes in: ``preferred`` (the params' ``data.classes``) when it names the
     same classes as the model was trained on (in sorted folder order), else the trained order."""
-    return list(preferred) if sorted(preferred) == sorted(trained) else list(trained)
+    return list(preferred) if preferred and sorted(preferred) == sorted(trained) else list(trained)
 
 
 class ImageModel(PythonModel):

@@ -148,8 +148,8 @@ def test_cached_and_streamed_splits_give_identical_batches_for_the_same_seed(dat
         train = load_imagefolder(split, cache_mb)
         unlabeled = load_image_dir(pool, cache_mb)
         assert (train.images.cached is None, unlabeled.cached is None) == (cache_mb == 0,) * 2
-        teacher = LabelledImageDataset(train.images, train.labels, train_transform(32))
-        runs.append((_batches(teacher, workers), _batches(two_view_dataset(unlabeled, ssl), workers)))
+        teacher = LabelledImageDataset(train.images, train.labels, train_transform(32, 0.5))
+        runs.append((_batches(teacher, workers), _batches(two_view_dataset(unlabeled, ssl, 0.5), workers)))
     (cached_teacher, cached_ssl), (streamed_teacher, streamed_ssl) = runs
     for cached, streamed in ((cached_teacher, streamed_teacher), (cached_ssl, streamed_ssl)):
         assert len(cached) == len(streamed) > 2

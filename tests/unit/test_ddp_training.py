@@ -77,7 +77,7 @@ class RecordingTask(TrainingTask):
 def _images(count: int = 16) -> LabelledImageDataset:
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (count, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
-    return LabelledImageDataset(images, torch.arange(count) % 2, train_transform(SIZE))
+    return LabelledImageDataset(images, torch.arange(count) % 2, train_transform(SIZE, 0.5))
 
 
 def _first_batch_and_init(info: DistInfo, tmp: Path, same_seed_everywhere: bool) -> dict:

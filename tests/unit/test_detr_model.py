@@ -305,7 +305,7 @@ def test_train_transforms_keep_boxes_on_their_pixels(seed: int) -> None:
     """After flips, multi-scale resizes and IoU crops, the normalised box still frames the white square."""
     torch.manual_seed(seed)
     image, target = _white_box_sample([20.0, 30.0, 60.0, 54.0])
-    out_image, out_target = train_transforms(scales=[64, 80, 96, 112])(image, target)
+    out_image, out_target = train_transforms(scales=[64, 80, 96, 112], hflip=0.5)(image, target)
     assert out_image.dtype == torch.float32
     assert out_target["image_id"] == 7 and out_target["orig_size"] == (96, 96)
     height, width = out_image.shape[-2:]

@@ -191,7 +191,7 @@ def test_train_and_eval_transforms_produce_normalised_tensors():
     )
     pixels = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    train = build_deit_train_transform(deit, img_size=32)
+    train = build_deit_train_transform(deit, img_size=32, hflip=0.5)
     pil = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     for inp in (pixels, pil):
         out = train(inp)

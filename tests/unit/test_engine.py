@@ -251,6 +251,49 @@ def test_max_steps_per_epoch_cuts_every_epoch_and_the_schedule_with_it(tmp_path)
     assert resumes(3) and not resumes(4)  # other epochs, another schedule: not the same run
 
 
+def test_min_steps_raises_the_epochs_of_a_small_dataset_and_says_so(tmp_path, capsys):
+    """40 samples in batches of 4 are 10 steps an epoch: 2 epochs (20 steps) fall short of
+    min_steps 45, so the run trains 5 epochs, its warmup keeps its half of them, and the task's last
+    validation is the fifth epoch's."""
+
+    class LastEpochTask(TrainingTask):
+        def __init__(self) -> None:
+            self.model = torch.nn.Linear(3, 1)
+            self.last_seen: list[bool] = []
+
+        def step(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+            return {"loss": model(batch[0]).square().mean()}
+
+        def validate(self, model: torch.nn.Module, epoch: int) -> dict[str, float]:
+            self.last_seen.append(epoch == self.epochs)
+            return {}
+
+    dataset = TensorDataset(torch.randn(40, 3), torch.zeros(40))
+
+    def trainer(min_steps: int, name: str) -> Trainer:
+        cfg = cpu_trainer_config(epochs=2, batch_size=4, lr=0.01, warmup_epochs=1.0, min_steps=min_steps)
+        return Trainer(LastEpochTask(), dataset, cfg, torch.device("cpu"), DistInfo(), tmp_path / name)
+
+    as_given = trainer(20, "given")
+    assert (as_given.epochs, as_given.total_steps) == (2, 20)
+    assert capsys.readouterr().err == ""
+
+    raised = trainer(45, "raised")
+    assert (raised.epochs, raised.total_steps, raised.task.epochs) == (5, 50, 5)
+    assert (
+        "2 epochs of 10 optimiser steps are 20 steps, fewer than engine.min_steps (45): training 5 epochs"
+        in (capsys.readouterr().err)
+    )
+    probe, lrs = trainer(45, "lr-probe"), []
+    for _ in range(probe.total_steps):
+        lrs.append(probe.optimizer.param_groups[0]["lr"])
+        probe.optimizer.step()
+        probe.scheduler.step()
+    assert max(range(len(lrs)), key=lrs.__getitem__) == 25  # warmup: half the epochs, as with 2 epochs
+    history = raised.fit()
+    assert len(history) == 5 and raised.task.last_seen == [False] * 4 + [True]
+
+
 def test_progress_into_a_pipe_is_a_few_lines_per_epoch(tmp_path, capsys):
     """With bars on and stderr not a terminal (a Prefect task log), an epoch of 40 steps with a
     loss check every 2 steps and a checkpoint every 5 draws its bar 6 times, not at every check."""

@@ -77,6 +77,32 @@ def test_ingest_imagefolder_writes_resized_rgb_pngs(folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temp dirs left
 
 
+def test_data_classes_pick_class_folders_and_the_rest_are_left_out_with_a_warning(folder, tmp_path, capsys):
+    _write_image(folder / "train" / "bird" / "e.png", (10, 10))  # in train only: not read at all
+    index = ingest_imagefolder(folder, tmp_path / "out", SPLITS, image_size=8, classes=["dog"])
+    assert index.classes == ["dog"]
+    assert [rel for rel, _ in index.samples["train"]] == ["train/dog/000000.png", "train/dog/000001.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "val").iterdir()) == ["dog"]
+    assert "class folder(s) bird, cat left out: not in data.classes" in capsys.readouterr().err
+
+
+def test_a_class_named_in_data_classes_but_missing_is_an_error_naming_the_folders_there(folder):
+    with pytest.raises(DataError) as caught:
+        validate_imagefolder(folder, SPLITS, classes=["cat", "cow"])
+    message = str(caught.value)
+    assert f"{folder / 'train' / 'cow'}: class folder named in data.classes is missing" in message
+    assert "(the class folders there: cat, dog); set data.classes to null" in message
+
+
+def test_own_images_keep_their_aspect_ratio(tmp_path):
+    """A wide image's centre square is kept, not squashed: a 60x20 image whose middle third is white
+    and the rest black becomes an all-white 20x20 square (squashing would keep the black sides)."""
+    array = np.zeros((20, 60, 3), dtype=np.uint8)
+    array[:, 20:40] = 255
+    square = ingest.to_square(Image.fromarray(array), 20)
+    assert square.size == (20, 20) and np.asarray(square).min() >= 250
+
+
 def _remove(rel: str) -> Callable[[Path], None]:
     return lambda root: shutil.rmtree(root / rel)
 
@@ -172,13 +198,14 @@ def test_16_bit_images_are_scaled_to_8_bits(tmp_path, capsys):
     src = tmp_path / "pool"
     src.mkdir()
     ramp = _gradient16(src / "ramp.png")
-    ingest.ingest_image_dir(src, tmp_path / "out", image_size=256)
+    ingest.ingest_image_dir(src, tmp_path / "out", image_size=32)  # the 256x32 ramp's centre 32 columns
     with Image.open(tmp_path / "out" / "images" / "000000.png") as image:
         pixels = np.asarray(image)
-    assert pixels.dtype == np.uint8 and pixels.shape == (256, 256, 3)
-    expected = (ramp[0].astype(np.float64) / 257).mean()  # 65535 -> 255
-    assert abs(pixels.mean() - expected) < 1.0  # not near-white (the bug: mean 254.4)
-    assert len(np.unique(pixels)) > 200 and pixels.min() <= 1 and pixels.max() >= 254
+    assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+    centre = ramp[0, 112:144].astype(np.float64) / 257  # 65535 -> 255
+    assert abs(pixels.mean() - centre.mean()) < 1.0  # not near-white (the bug: mean 254.4)
+    assert len(np.unique(pixels)) == 32
+    assert (pixels.min(), pixels.max()) == (round(centre[0]), round(centre[-1]))
     assert f"Image folder {src}: 1 16-bit image(s) scaled to 8 bits" in capsys.readouterr().out
 
 

@@ -36,7 +36,7 @@ def _images(n: int = 4) -> torch.Tensor:
 
 
 def test_two_views_of_one_image_differ_and_are_normalised_floats() -> None:
-    two_views = TwoViews(build_ssl_transform(AUG, SIZE))
+    two_views = TwoViews(build_ssl_transform(AUG, SIZE, 0.5))
     torch.manual_seed(0)
     v1, v2_ = two_views(_images()[0])
     assert v1.shape == v2_.shape == (3, 32, 32)
@@ -47,7 +47,7 @@ def test_two_views_of_one_image_differ_and_are_normalised_floats() -> None:
 
 
 def test_same_seed_reproduces_the_views() -> None:
-    two_views = TwoViews(build_ssl_transform(AUG, SIZE))
+    two_views = TwoViews(build_ssl_transform(AUG, SIZE, 0.5))
     image = _images()[1]
     torch.manual_seed(42)
     first = two_views(image)
@@ -66,11 +66,11 @@ def test_figure_shows_views_with_the_normalisation_undone(monkeypatch) -> None:
     monkeypatch.setattr(ssl_transforms, "STD", std)
     image = _images()[2]
     view = normalize_transform(mean, std)(image)
-    torch.testing.assert_close(_display(view, build_ssl_transform(AUG, SIZE)), image.float() / 255)
+    torch.testing.assert_close(_display(view, build_ssl_transform(AUG, SIZE, 0.5)), image.float() / 255)
 
 
 def test_dataset_serves_two_views_and_rejects_float_images() -> None:
-    dataset = TwoViewDataset(_images(3), TwoViews(build_ssl_transform(AUG, SIZE)))
+    dataset = TwoViewDataset(_images(3), TwoViews(build_ssl_transform(AUG, SIZE, 0.5)))
     assert len(dataset) == 3
     v1, v2_ = dataset[2]
     assert v1.shape == v2_.shape == (3, 32, 32)
@@ -81,7 +81,7 @@ def test_dataset_serves_two_views_and_rejects_float_images() -> None:
 def test_plot_view_pairs_writes_a_png_atomically(tmp_path) -> None:
     out = tmp_path / "plots" / "views.png"
     torch.manual_seed(0)
-    plot_view_pairs(_images(5), TwoViews(build_ssl_transform(AUG, SIZE)), out, n=4)
+    plot_view_pairs(_images(5), TwoViews(build_ssl_transform(AUG, SIZE, 0.5)), out, n=4)
     with Image.open(out) as png:
         assert png.format == "PNG"
         assert png.size[0] > png.size[1]  # 4 columns wider than 3 rows

@@ -21,6 +21,7 @@ from vitkit.tasks.distillation import DistillationTask
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = load_params(ROOT / "params.yaml")
+ENGINE = PARAMS.engine.model_copy(update={"min_steps": 0})  # a few steps on a few images, as written
 CLASSES = ["a", "b"]
 
 
@@ -31,7 +32,7 @@ def split(n: int, seed: int) -> LabelledImages:
 
 
 def fit(task, dataset, optim, tmp_path: Path, **overrides) -> list[dict]:
-    cfg = trainer_config(optim, PARAMS.engine, 0, "notebook", "nb", progress=False, **overrides)
+    cfg = trainer_config(optim, ENGINE, 0, "notebook", "nb", progress=False, **overrides)
     return Trainer(task, dataset, cfg, torch.device("cpu"), DistInfo(), tmp_path).fit()
 
 
@@ -39,7 +40,7 @@ def test_a_teacher_trains_from_a_notebook(tmp_path):
     p = PARAMS.teacher.model_copy(update={"epochs": 1, "batch_size": 8, "init": "scratch"})
     train, val = split(16, 0), split(8, 1)
     task = ClassifierTask(p, PARAMS.backbone, val, 8, torch.device("cpu"))
-    (row,) = fit(task, train_dataset(train, p, seed=0), p, tmp_path)
+    (row,) = fit(task, train_dataset(train, p, seed=0, hflip=0.5), p, tmp_path)
     assert {"train_loss", "val_top1", "lr", "images_per_s"} <= set(row)
     assert (tmp_path / "last.pt").is_file()
 
@@ -49,7 +50,7 @@ def test_contrastive_and_distillation_tasks_return_their_terms(tmp_path):
         update={"method": "mocov2", "queue_size": 16, "bn_splits": 2, "batch_size": 8}
     )
     task = ContrastiveTask(ssl, PARAMS.backbone, split(8, 0), split(4, 1), 8)
-    views = two_view_dataset(split(8, 2).images, ssl)
+    views = two_view_dataset(split(8, 2).images, ssl, 0.5)
     batch = tuple(torch.stack(v) for v in zip(*(views[i] for i in range(8)), strict=True))
     terms = task.step(task.model, batch)
     assert set(terms) == {"loss", "pretext_top1"} and 0.0 <= float(terms["pretext_top1"]) <= 1.0
@@ -80,7 +81,9 @@ def test_every_model_stage_trains_under_cpu_bf16_autocast(tmp_path):
     box arithmetic), met on a CPU: a mistake fails here rather than on the first GPU run."""
     teacher_p = PARAMS.teacher.model_copy(update={"epochs": 1, "batch_size": 8, "init": "scratch"})
     teacher = ClassifierTask(teacher_p, PARAMS.backbone, split(8, 1), 8, torch.device("cpu"))
-    (row,) = fit(teacher, train_dataset(split(16, 0), teacher_p, seed=0), teacher_p, tmp_path, amp="always")
+    (row,) = fit(
+        teacher, train_dataset(split(16, 0), teacher_p, seed=0, hflip=0.5), teacher_p, tmp_path, amp="always"
+    )
     assert math.isfinite(row["train_loss"])
 
     for method in ("simclr", "mocov2"):
@@ -88,7 +91,7 @@ def test_every_model_stage_trains_under_cpu_bf16_autocast(tmp_path):
             update={"method": method, "queue_size": 16, "bn_splits": 2, "batch_size": 8}
         )
         task = ContrastiveTask(ssl, PARAMS.backbone, split(8, 0), split(4, 1), 8)
-        views = two_view_dataset(split(8, 2).images, ssl)
+        views = two_view_dataset(split(8, 2).images, ssl, 0.5)
         _backward_under_cpu_bf16(
             task, tuple(torch.stack(v) for v in zip(*(views[i] for i in range(8)), strict=True))
         )
@@ -137,9 +140,14 @@ def test_the_teacher_trains_compiled_on_cpu_as_it_does_eager(tmp_path):
         torch.manual_seed(0)
         task = ClassifierTask(p, PARAMS.backbone, split(8, 1), 8, torch.device("cpu"))
         trainer_dir = tmp_path / str(compiled)
-        cfg = trainer_config(p, PARAMS.engine, 0, "nb", "nb", progress=False, compile=compiled)
+        cfg = trainer_config(p, ENGINE, 0, "nb", "nb", progress=False, compile=compiled)
         trainer = Trainer(
-            task, train_dataset(split(16, 0), p, seed=0), cfg, torch.device("cpu"), DistInfo(), trainer_dir
+            task,
+            train_dataset(split(16, 0), p, seed=0, hflip=0.5),
+            cfg,
+            torch.device("cpu"),
+            DistInfo(),
+            trainer_dir,
         )
         assert (trainer.train_model is not trainer.model) == compiled
         (rows[compiled],) = trainer.fit()

@@ -39,13 +39,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 CROP_RATIO = (3 / 4, 4 / 3)
-HFLIP = 0.5
 
 
-def build_deit_train_transform(p: DeitParams, img_size: int) -> v2.Compose:
+def build_deit_train_transform(p: DeitParams, img_size: int, hflip: float) -> v2.Compose:
     """Per-image training transform: PIL image or uint8 tensor in, normalised float tensor out.
 
-    ``p`` is the ``deit`` params section: crop_scale, randaug_ops / randaug_magnitude, random_erasing.
+    ``p`` is the ``deit`` params section: crop_scale, randaug_ops / randaug_magnitude, random_erasing;
+    ``hflip`` the probability of a horizontal flip (``data.hflip``; DeiT's 0.5).
     """
     steps: list[nn.Module] = [
         v2.ToImage(),
@@ -56,7 +56,7 @@ def build_deit_train_transform(p: DeitParams, img_size: int) -> v2.Compose:
             interpolation=InterpolationMode.BICUBIC,
             antialias=True,
         ),
-        v2.RandomHorizontalFlip(HFLIP),
+        v2.RandomHorizontalFlip(hflip),
     ]
     if p.randaug_ops > 0:
         steps.append(

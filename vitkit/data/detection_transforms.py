@@ -3,7 +3,7 @@
 v2 transforms move ``tv_tensors.BoundingBoxes`` together with the pixels, so
 flips, resizes and crops keep boxes consistent without hand-written geometry.
 The recipe follows facebookresearch/detr's ``make_coco_transforms``: random
-horizontal flip, then with even odds either a multi-scale resize of the shorter
+horizontal flip (``data.hflip``), then with even odds either a multi-scale resize of the shorter
 side or a random crop followed by that resize; the SSD-style ``RandomIoUCrop``
 stands in for DETR's ``RandomSizeCrop`` because it never crops every object
 away. Boxes whose remaining area vanished are dropped with their labels
@@ -34,14 +34,17 @@ def normalize_boxes(image: tv_tensors.Image, target: dict) -> tuple[tv_tensors.I
     return image, {**target, "boxes": boxes / scale}
 
 
-def train_transforms(scales: Sequence[int], max_size: int | None = None, crop: bool = True) -> v2.Compose:
-    """Training pipeline: flip, shorter side resized to one of ``scales`` (longer side capped at
-    ``max_size``), optionally after an IoU crop (half of the time), then normalise."""
+def train_transforms(
+    scales: Sequence[int], hflip: float, max_size: int | None = None, crop: bool = True
+) -> v2.Compose:
+    """Training pipeline: flip with probability ``hflip`` (``data.hflip``), shorter side resized to
+    one of ``scales`` (longer side capped at ``max_size``), optionally after an IoU crop (half of the
+    time), then normalise."""
     resize = v2.RandomShortestSize(min_size=list(scales), max_size=max_size)
     geometric = v2.RandomChoice([resize, v2.Compose([v2.RandomIoUCrop(), resize])]) if crop else resize
     return v2.Compose(
         [
-            v2.RandomHorizontalFlip(),
+            v2.RandomHorizontalFlip(hflip),
             geometric,
             v2.SanitizeBoundingBoxes(),
             normalize(),

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vitkit.config import MAX_CATEGORY_ID
 from vitkit.errors import DataError
@@ -155,6 +156,12 @@ def _save_png(image: Image.Image, path: Path) -> None:
     image.convert("RGB").save(path, format="PNG")
 
 
+def to_square(image: Image.Image, size: int) -> Image.Image:
+    """``size`` x ``size`` with the aspect ratio kept: the shorter side resized to ``size``, the longer
+    centre-cropped to it (torchvision's Resize + CenterCrop), so no object is squashed."""
+    return ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
+
+
 # --------------------------------------------------------------------------- ImageFolder
 
 
@@ -173,11 +180,14 @@ IMAGEFOLDER_ADVICE = (
 )
 
 
-def validate_imagefolder(root: Path, splits: Sequence[str]) -> ImageFolderIndex:
+def validate_imagefolder(
+    root: Path, splits: Sequence[str], classes: Sequence[str] | None = None
+) -> ImageFolderIndex:
     """Check ``root/<split>/<class>/<image>`` for every split; raise one DataError listing all problems.
 
-    The class folders of ``train`` (or of the first split when there is no
-    ``train``) are the reference every other split must match.
+    ``classes`` (``data.classes``): the class folders to use, each needed in every split; the
+    others are left out unread, with a warning. None: the class folders of ``train`` (or of the
+    first split when there is no ``train``) are the reference every other split must match.
     """
     root = Path(root)
     if not root.is_dir():
@@ -208,14 +218,18 @@ def validate_imagefolder(root: Path, splits: Sequence[str]) -> ImageFolderIndex:
         if not class_dirs[split]:
             problems.add(f"{split_dir}: split '{split}' has no class folders")
 
-    classes = sorted(p.name for p in class_dirs.get(reference, []))
-    for split, dirs in class_dirs.items():
-        names = {p.name for p in dirs}
-        if split != reference and reference in class_dirs:
-            for missing in sorted(set(classes) - names):
-                problems.add(f"{root / split / missing}: class folder missing ('{reference}' has it)")
-            for extra in sorted(names - set(classes)):
-                problems.add(f"{root / split / extra}: class folder '{extra}' is not in '{reference}'")
+    if classes is not None:
+        class_dirs = _select_classes(root, class_dirs, classes, problems)
+        classes = sorted(classes)
+    else:
+        classes = sorted(p.name for p in class_dirs.get(reference, []))
+        for split, dirs in class_dirs.items():
+            names = {p.name for p in dirs}
+            if split != reference and reference in class_dirs:
+                for missing in sorted(set(classes) - names):
+                    problems.add(f"{root / split / missing}: class folder missing ('{reference}' has it)")
+                for extra in sorted(names - set(classes)):
+                    problems.add(f"{root / split / extra}: class folder '{extra}' is not in '{reference}'")
 
     samples: dict[str, list[tuple[str, int]]] = {}
     for split, dirs in class_dirs.items():
@@ -242,14 +256,44 @@ def validate_imagefolder(root: Path, splits: Sequence[str]) -> ImageFolderIndex:
     return ImageFolderIndex(root=root, classes=classes, samples=samples)
 
 
-def ingest_imagefolder(root: Path, out_dir: Path, splits: Sequence[str], image_size: int) -> ImageFolderIndex:
-    """Validate an ImageFolder and write it to ``out_dir`` as RGB PNGs of ``image_size`` x ``image_size``.
+def _select_classes(
+    root: Path, class_dirs: dict[str, list[Path]], classes: Sequence[str], problems: _Problems
+) -> dict[str, list[Path]]:
+    """Each split's folders named in ``classes``; a named one a split lacks is a problem."""
+    selected: dict[str, list[Path]] = {}
+    left_out: set[str] = set()
+    for split, dirs in class_dirs.items():
+        by_name = {d.name: d for d in dirs}
+        for name in classes:
+            if name not in by_name:
+                there = ", ".join(sorted(by_name)) or "none"
+                problems.add(
+                    f"{root / split / name}: class folder named in data.classes is missing (the class "
+                    f"folders there: {there}); set data.classes to null to use every class folder"
+                )
+        selected[split] = [by_name[name] for name in sorted(set(classes) & set(by_name))]
+        left_out |= set(by_name) - set(classes)
+    if left_out and not problems.items:
+        print(
+            f"warning: ImageFolder {root}: class folder(s) {', '.join(sorted(left_out))} left out: "
+            "not in data.classes",
+            file=sys.stderr,
+            flush=True,
+        )
+    return selected
+
+
+def ingest_imagefolder(
+    root: Path, out_dir: Path, splits: Sequence[str], image_size: int, classes: Sequence[str] | None = None
+) -> ImageFolderIndex:
+    """Validate an ImageFolder and write it to ``out_dir`` as RGB PNGs of ``image_size`` x ``image_size``
+    (aspect ratio kept: ``to_square``), the class folders ``classes`` only (None: every one).
 
     Files are renamed ``<out_dir>/<split>/<class>/<index:06d>.png`` (index in
     sorted source order), the generator's layout, which also avoids clashes
     between e.g. ``a.jpg`` and ``a.png``. Returns the index of the written copy.
     """
-    index = validate_imagefolder(root, splits)
+    index = validate_imagefolder(root, splits, classes)
     written: dict[str, list[tuple[str, int]]] = {}
     conversions = _Conversions()
     with atomic_dir(out_dir) as tmp:
@@ -262,8 +306,7 @@ def ingest_imagefolder(root: Path, out_dir: Path, splits: Sequence[str], image_s
                 rel_out = f"{split}/{index.classes[label]}/{counters[label]:06d}.png"
                 counters[label] += 1
                 rgb = conversions.rgb(index.root / rel_path)
-                resized = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-                _save_png(resized, tmp / rel_out)
+                _save_png(to_square(rgb, image_size), tmp / rel_out)
                 written[split].append((rel_out, label))
     conversions.report(f"ImageFolder {root}")
     return ImageFolderIndex(root=Path(out_dir), classes=index.classes, samples=written)
@@ -299,7 +342,8 @@ def validate_image_dir(images_dir: Path) -> list[Path]:
 
 
 def ingest_image_dir(images_dir: Path, out_dir: Path, image_size: int) -> int:
-    """Validate a flat image folder; write it as ``out_dir/images/<index:06d>.png``, RGB and square.
+    """Validate a flat image folder; write it as ``out_dir/images/<index:06d>.png``, RGB and square
+    (aspect ratio kept: ``to_square``).
 
     Returns the number of images written.
     """
@@ -308,8 +352,7 @@ def ingest_image_dir(images_dir: Path, out_dir: Path, image_size: int) -> int:
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for i, path in enumerate(paths):
-            resized = conversions.rgb(path).resize((image_size, image_size), Image.Resampling.BICUBIC)
-            _save_png(resized, tmp / "images" / f"{i:06d}.png")
+            _save_png(to_square(conversions.rgb(path), image_size), tmp / "images" / f"{i:06d}.png")
     conversions.report(f"Image folder {images_dir}")
     return len(paths)
 

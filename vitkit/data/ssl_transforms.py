@@ -4,9 +4,10 @@ The augmentation *is* the pretext task: whatever it changes, the encoder learns
 to ignore. The recipe follows MoCo v2 / SimCLR's CIFAR settings: random resized
 crop (the most important part -- it forces local/global and part/whole
 matching), strong colour jitter + random grayscale (so colour histograms alone
-cannot identify an image), a little blur and horizontal flips. Blur uses a 3x3
-kernel with small sigmas: the ImageNet recipe's 23 px kernel (10% of 224) would
-wipe out a 32 px image, which is why SimCLR drops blur on CIFAR altogether.
+cannot identify an image), a little blur and horizontal flips (``data.hflip``: off
+for data a mirror changes). Blur uses a 3x3 kernel with small sigmas: the ImageNet
+recipe's 23 px kernel (10% of 224) would wipe out a 32 px image, which is why
+SimCLR drops blur on CIFAR altogether.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ def normalize_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> v2.C
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
-def build_ssl_transform(aug: SSLAugmentation, size: int) -> v2.Compose:
+def build_ssl_transform(aug: SSLAugmentation, size: int, hflip: float) -> v2.Compose:
     """One random view of a uint8 (3, H, W) image, as a normalised float tensor.
 
-    ``aug`` is the ``ssl.augmentation`` params section: the strengths of each part.
+    ``aug`` is the ``ssl.augmentation`` params section: the strengths of each part; ``hflip`` the
+    probability of a horizontal flip (``data.hflip``).
     """
     return v2.Compose(
         [
             v2.RandomResizedCrop(size, scale=aug.crop_scale, antialias=True),
-            v2.RandomHorizontalFlip(),
+            v2.RandomHorizontalFlip(hflip),
             v2.RandomApply([v2.ColorJitter(aug.jitter, aug.jitter, aug.jitter, aug.hue)], p=aug.jitter_p),
             v2.RandomGrayscale(p=aug.grayscale_p),
             v2.RandomApply([v2.GaussianBlur(kernel_size=3, sigma=BLUR_SIGMA)], p=aug.blur_p),

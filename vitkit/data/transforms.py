@@ -14,12 +14,13 @@ def normalize() -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
-def train_transform(image_size: int) -> v2.Compose:
-    """Standard small-image recipe: padded random crop + flip (shapes are flip-invariant classes)."""
+def train_transform(image_size: int, hflip: float) -> v2.Compose:
+    """Standard small-image recipe: padded random crop + a horizontal flip with probability ``hflip``
+    (``data.hflip``: 0 for data a mirror changes, such as text)."""
     return v2.Compose(
         [
             v2.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"),
-            v2.RandomHorizontalFlip(),
+            v2.RandomHorizontalFlip(hflip),
             normalize(),
         ]
     )

@@ -22,6 +22,9 @@ class TrainingTask:
     """Base of every method recipe; subclasses set ``model`` and implement ``step``."""
 
     model: nn.Module
+    # the run's epochs, set by the Trainer once it has sized the schedule (``engine.min_steps`` may
+    # raise the params' count): the last epoch is ``epochs``, not the params' value
+    epochs: int
 
     def param_groups(self) -> list[dict[str, Any]] | None:
         """Optimizer parameter groups (per-group lr / weight decay); None: every parameter, one group."""

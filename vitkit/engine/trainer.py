@@ -40,7 +40,7 @@ from vitkit.engine.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from vitkit.engine.device import autocast, set_tf32
+from vitkit.engine.device import autocast, set_tf32, warn
 from vitkit.engine.distributed import DistInfo, all_gather_object, all_reduce_mean, broadcast_object
 from vitkit.engine.task import TrainingTask
 from vitkit.errors import TrainingError, VitkitError
@@ -69,6 +69,7 @@ class TrainerConfig:
     checkpoint_every_steps: int
     check_every_steps: int  # steps between host reads of the losses (NaN guard, progress bar)
     max_steps_per_epoch: int  # 0: whole epochs; otherwise each epoch stops after this many steps
+    min_steps: int  # fewer steps in all than this: more epochs (0: the epochs as given)
     desc: str  # names the run in the progress bar and messages
     fingerprint: str  # a checkpoint resumes only a run with the same fingerprint
     repeated_augmentations: int = 1  # > 1: each image this many times per epoch (RASampler); 1 is off
@@ -103,6 +104,27 @@ def build_optimizer(
     """AdamW; the fused kernel where torch has one (on CPU it makes the step ~4x cheaper)."""
     fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def epochs_for(cfg: TrainerConfig, steps_per_epoch: int, report: bool) -> int:
+    """The epochs to train: ``cfg.epochs``, raised until the run has ``cfg.min_steps`` optimiser steps.
+
+    Schedules are written in epochs of the default data; a dataset a hundred times smaller would
+    otherwise end after a few steps, still at chance, with nothing saying why. ``report``: print the
+    warning (one process per run).
+    """
+    planned = steps_per_epoch * cfg.epochs
+    if not cfg.min_steps or planned >= cfg.min_steps:
+        return cfg.epochs
+    epochs = math.ceil(cfg.min_steps / steps_per_epoch)
+    if report:
+        warn(
+            f"[{cfg.desc}] {cfg.epochs} epochs of {steps_per_epoch} optimiser steps are {planned} steps, "
+            f"fewer than engine.min_steps ({cfg.min_steps}): training {epochs} epochs "
+            f"({epochs * steps_per_epoch} steps). Set the epochs yourself, or engine.min_steps: 0 to keep "
+            "them."
+        )
+    return epochs
 
 
 def build_scheduler(
@@ -192,9 +214,13 @@ class Trainer:
                 f"{self.sampler.num_samples} training "
                 "samples per process; lower the batch size"
             )
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.epochs = epochs_for(cfg, self.steps_per_epoch, dist.is_main)
+        task.epochs = self.epochs
+        self.total_steps = self.steps_per_epoch * self.epochs
         self.optimizer = build_optimizer(task.param_groups() or self.model.parameters(), cfg, device)
-        warmup_steps = min(self.total_steps // 2, round(cfg.warmup_epochs * self.steps_per_epoch))
+        # the warmup keeps its share of the epochs when min_steps raised them
+        warmup_epochs = cfg.warmup_epochs * self.epochs / cfg.epochs
+        warmup_steps = min(self.total_steps // 2, round(warmup_epochs * self.steps_per_epoch))
         self.scheduler = build_scheduler(self.optimizer, warmup_steps, self.total_steps)
         self.state = TrainState()
         self._pending_losses: list[torch.Tensor] = []  # losses of the steps not yet read back (on the device)
@@ -319,7 +345,7 @@ class Trainer:
             self.task.load_state_dict(ckpt["extra"])
         if self.dist.writes_files:
             origin = self.checkpoint_dir if holds_it else f"rank {source}'s checkpoint (none here that far)"
-            if self.state.epoch >= self.cfg.epochs:
+            if self.state.epoch >= self.epochs:
                 where = f"training already ended in {origin} ({self.state.epoch} epochs); no epoch to train"
             else:
                 where = (
@@ -375,7 +401,7 @@ class Trainer:
         self.sampler.set_epoch(state.epoch, start_index=state.step_in_epoch * cfg.batch_size)
         bar = progress_bar(
             self.steps_per_epoch,
-            f"{cfg.desc} {state.epoch + 1}/{cfg.epochs}",
+            f"{cfg.desc} {state.epoch + 1}/{self.epochs}",
             cfg.progress and self.dist.is_main,
             initial=state.step_in_epoch,
         )
@@ -450,7 +476,7 @@ class Trainer:
         if self.try_resume() and self.on_epoch_end is not None and self.dist.is_main:
             for row in self.state.history:  # a resumed run reports the epochs it inherited
                 self.on_epoch_end(row)
-        while self.state.epoch < self.cfg.epochs:
+        while self.state.epoch < self.epochs:
             row: dict[str, float] = {"epoch": self.state.epoch + 1, **self._train_epoch()}
             if self.dist.is_main:
                 row.update(self.task.validate(self.model, self.state.epoch + 1))

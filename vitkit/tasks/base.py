@@ -39,6 +39,7 @@ def trainer_config(
         "checkpoint_every_steps": engine.checkpoint_every_steps,
         "check_every_steps": engine.check_every_steps,
         "max_steps_per_epoch": engine.max_steps_per_epoch,
+        "min_steps": engine.min_steps,
         "desc": desc,
         "fingerprint": fingerprint,
     }

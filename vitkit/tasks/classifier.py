@@ -40,13 +40,14 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch
     return torch.cat(keep).sort().values
 
 
-def train_dataset(train: LabelledImages, p: TeacherParams, seed: int) -> Subset:
-    """``teacher.label_fraction`` of the labelled images (stratified), with the training augmentation.
+def train_dataset(train: LabelledImages, p: TeacherParams, seed: int, hflip: float) -> Subset:
+    """``teacher.label_fraction`` of the labelled images (stratified), with the training augmentation
+    (horizontal flips with probability ``hflip``, ``data.hflip``).
 
     A ``Subset`` of the whole split: its images are read (or taken from memory) only when sampled.
     """
     subset = stratified_subset(train.labels, p.label_fraction, seed)
-    dataset = LabelledImageDataset(train.images, train.labels, train_transform(train.images.shape[-1]))
+    dataset = LabelledImageDataset(train.images, train.labels, train_transform(train.images.shape[-1], hflip))
     return Subset(dataset, subset.tolist())
 
 

@@ -36,9 +36,10 @@ from vitkit.models.ssl import build_ssl_model
 NORMALIZE = normalize_transform(MEAN, STD)  # uint8 -> the SSL trunk's input
 
 
-def two_view_dataset(images: Images, p: SSLParams) -> TwoViewDataset:
-    """Unlabelled images served as two random views with the ``ssl.augmentation`` strengths."""
-    return TwoViewDataset(images, TwoViews(build_ssl_transform(p.augmentation, images.shape[-1])))
+def two_view_dataset(images: Images, p: SSLParams, hflip: float) -> TwoViewDataset:
+    """Unlabelled images served as two random views with the ``ssl.augmentation`` strengths and
+    horizontal flips with probability ``hflip`` (``data.hflip``)."""
+    return TwoViewDataset(images, TwoViews(build_ssl_transform(p.augmentation, images.shape[-1], hflip)))
 
 
 def knn_top1(
@@ -88,7 +89,7 @@ class ContrastiveTask(TrainingTask):
         return self.model.backbone
 
     def validate(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        if epoch % self.p.knn.every_epochs and epoch != self.p.epochs:
+        if epoch % self.p.knn.every_epochs and epoch != self.epochs:
             return {"knn_top1": float("nan")}
         return {"knn_top1": self.knn_top1(model)}
 

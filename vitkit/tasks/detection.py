@@ -207,7 +207,7 @@ class DetectionTask(TrainingTask):
         return {"loss": self.criterion.weighted_sum(losses), **terms}
 
     def validate(self, model: nn.Module, epoch: int) -> dict[str, float]:
-        if epoch % self.train.eval_every and epoch != self.train.epochs:
+        if epoch % self.train.eval_every and epoch != self.epochs:
             return {}
         metrics, _, _ = coco_metrics(model, self.val, self.post, self.device, self.eval_batch_size)
         return {f"val_{name}": metrics[name] for name in FINAL_COLUMNS}

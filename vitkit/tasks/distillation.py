@@ -60,10 +60,11 @@ def scaled_lr(p: DeitParams, world_size: int) -> float:
     return p.lr * p.batch_size * world_size / 512
 
 
-def train_dataset(train: LabelledImages, p: DeitParams) -> LabelledImageDataset:
-    """The labelled images with DeiT's per-image augmentation (RandAugment, random erasing...)."""
+def train_dataset(train: LabelledImages, p: DeitParams, hflip: float) -> LabelledImageDataset:
+    """The labelled images with DeiT's per-image augmentation (flips with probability ``hflip``,
+    ``data.hflip``; RandAugment, random erasing...)."""
     return LabelledImageDataset(
-        train.images, train.labels, build_deit_train_transform(p, train.images.shape[-1])
+        train.images, train.labels, build_deit_train_transform(p, train.images.shape[-1], hflip)
     )
 
 
