@@ -5,7 +5,11 @@ size and optimizer; they run alternately in the same process, several times,
 and the medians are compared. The engine's time includes everything it adds
 (progress bar, NaN check, grad clipping, LR schedule, a checkpoint at the end).
 
-    python benchmarks/bench_engine.py --steps 20 --repeats 5
+With ``--compile`` the engine also trains with ``engine.compile`` (the teacher's compiled
+step): one run of ``1 + repeats`` epochs, whose first epoch pays the compilation (reported as
+the warm-up: its time beyond a compiled epoch's) and whose later epochs are the measurements.
+
+    python benchmarks/bench_engine.py --steps 20 --repeats 5 [--compile]
 """
 
 from __future__ import annotations
@@ -68,11 +72,11 @@ class ClassifierTask(TrainingTask):
         return {"loss": F.cross_entropy(model(images), labels)}
 
 
-def engine_loop(dataset, args, device, checkpoint_dir: Path) -> float:
+def engine_trainer(dataset, args, device, checkpoint_dir: Path, compile: bool, epochs: int) -> Trainer:
     task = ClassifierTask(build_resnet(args.arch, 6, stem=args.stem))
     # the former TrainerConfig defaults (today's teacher and engine params, the lr aside)
     cfg = TrainerConfig(
-        epochs=1,
+        epochs=epochs,
         batch_size=args.batch_size,
         lr=1e-3,
         weight_decay=0.05,
@@ -80,23 +84,37 @@ def engine_loop(dataset, args, device, checkpoint_dir: Path) -> float:
         grad_clip=1.0,
         seed=0,
         amp="cuda",
-        compile=False,
+        compile=compile,
         tf32=True,
         channels_last=True,
         num_workers=0,
         checkpoint_every_steps=50,
         check_every_steps=10,
         max_steps_per_epoch=0,
+        min_steps=0,
         desc="engine",
         fingerprint="",
         progress=True,
     )
-    trainer = Trainer(task, dataset, cfg, device, DistInfo(), checkpoint_dir)
+    return Trainer(task, dataset, cfg, device, DistInfo(), checkpoint_dir)
+
+
+def engine_loop(dataset, args, device, checkpoint_dir: Path) -> float:
+    trainer = engine_trainer(dataset, args, device, checkpoint_dir, compile=False, epochs=1)
     start = time.perf_counter()
     trainer.fit()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return trainer.steps_per_epoch * args.batch_size / (time.perf_counter() - start)
+
+
+def compiled_engine(dataset, args, device, checkpoint_dir: Path) -> tuple[list[float], float]:
+    """Images/s of each compiled epoch after the first, and the first's extra time (the warm-up)."""
+    trainer = engine_trainer(dataset, args, device, checkpoint_dir, compile=True, epochs=1 + args.repeats)
+    history = trainer.fit()
+    steady = [row["epoch_time_s"] for row in history[1:]]
+    warmup = history[0]["epoch_time_s"] - statistics.median(steady)
+    return [row["images_per_s"] for row in history[1:]], warmup
 
 
 def main() -> None:
@@ -114,13 +132,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="also time the engine with engine.compile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
     images, labels = load_images(args.data)
     count = min(len(images), args.steps * args.batch_size)
-    dataset = Subset(LabelledImageDataset(images, labels, train_transform(images.shape[-1])), range(count))
+    dataset = Subset(
+        LabelledImageDataset(images, labels, train_transform(images.shape[-1], 0.5)), range(count)
+    )
     print(
         f"device {device}, threads {torch.get_num_threads()}, {args.arch}/{args.stem}, "
         f"batch {args.batch_size}, {count // args.batch_size} steps x {args.repeats} repeats"
@@ -133,8 +154,19 @@ def main() -> None:
             bare.append(bare_loop(dataset, args, device))
             engine.append(engine_loop(dataset, args, device, Path(tmp) / f"ckpt{repeat}"))
             print(f"  repeat {repeat + 1}: bare {bare[-1]:.1f} img/s, engine {engine[-1]:.1f} img/s")
+        if args.compile:
+            compiled, warmup = compiled_engine(dataset, args, device, Path(tmp) / "compiled")
+            bare.append(bare_loop(dataset, args, device))  # bracket the compiled run
     b, e = statistics.median(bare), statistics.median(engine)
     print(f"median: bare loop {b:.1f} img/s, engine {e:.1f} img/s, ratio {e / b:.3f} (target >= 0.95)")
+    if args.compile:
+        c = statistics.median(compiled)
+        saved_per_image = 1 / b - 1 / c  # seconds; negative: compiled is slower, never repaid
+        repaid = f"{warmup / saved_per_image:.0f} images" if saved_per_image > 0 else "never"
+        print(
+            f"median: engine with engine.compile {c:.1f} img/s, ratio to the bare eager loop {c / b:.3f} "
+            f"(target >= 1.05); compile warm-up {warmup:.1f} s, repaid after {repaid}"
+        )
 
 
 if __name__ == "__main__":
