@@ -471,7 +471,7 @@ def paired_difference_se(discordant: float, n: int) -> float:
 
 
 def resolution_lines(params: Params) -> list[str]:
-    """How large a top-1 difference the report's 95 % intervals resolve on the profile's test split."""
+    """How large a top-1 difference the report's 95 % intervals resolve on the profile's test splits."""
     n = params.data.classification.shapes.test_per_class * len(params.data.classes)
     lines = [f"classification test split: {n} images"]
     for p in (0.5, 0.9):
@@ -482,6 +482,12 @@ def resolution_lines(params: Params) -> list[str]:
         lines.append(
             f"  paired difference, {d:.0%} of images discordant: SE {se:.2%}, 95% half-width {1.96 * se:.2%}"
         )
+    n_det = params.data.detection.shapes.test_images
+    se = proportion_se(0.5, n_det)
+    lines.append(
+        f"detection test split: {n_det} images; a proportion at 50% would have SE {se:.2%} "
+        f"(95% half-width {1.96 * se:.2%}); COCO AP's bootstrap interval is wider"
+    )
     return lines
 
 
