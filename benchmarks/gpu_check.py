@@ -69,8 +69,11 @@ def _images(count: int, side: int, device: torch.device, generator: torch.Genera
     return torch.randn(count, 3, side, side, generator=generator).to(device)
 
 
-def build(model: str, params: Params, device: torch.device) -> tuple[TrainingTask, Any, OptimParams]:
-    """``model``'s task on ``device``, one synthetic batch of its params' shape, its optimiser params."""
+def build(
+    model: str, params: Params, device: torch.device, mode: str = "soft"
+) -> tuple[TrainingTask, Any, OptimParams]:
+    """``model``'s task on ``device``, one synthetic batch of its params' shape, its optimiser params
+    (``mode``: the DeiT student's distillation, none, soft or hard)."""
     gen = torch.Generator().manual_seed(0)
     side = params.data.classification.image_size
     classes = [f"c{i}" for i in range(len(params.data.classes or SHAPE_CLASSES))]
@@ -93,7 +96,8 @@ def build(model: str, params: Params, device: torch.device) -> tuple[TrainingTas
         p = params.deit
         teacher = ClassifierTask(params.teacher, params.backbone, small, 8, device).model
         meta = {"arch": params.backbone.arch, "stem": params.backbone.stem, "classes": classes}
-        task = DistillationTask(p, "soft", small, 8, device, (teacher.state_dict(), meta))
+        teacher_file = (teacher.state_dict(), meta) if mode != "none" else None
+        task = DistillationTask(p, mode, small, 8, device, teacher_file)
         batch, optim = (_images(p.batch_size, side, device, gen), labels[: p.batch_size].to(device)), p
     else:
         train = params.detr_training
