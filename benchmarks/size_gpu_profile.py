@@ -77,6 +77,11 @@ STAGES = (
 )
 
 
+def shape_classes(params: Params) -> list[str]:
+    """The shapes the profile's generated data draws (``data.classes``; null: all of them)."""
+    return list(params.data.classes or shapes.SHAPE_CLASSES)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="gpu", help="profiles/<name>.yaml applied to params.yaml")
@@ -215,7 +220,7 @@ def grid_sample_flops(model: str, params: Params, canvas: tuple[int, int]) -> fl
 def generated_classification(n: int, params: Params, seed: int = 0) -> LabelledImages:
     """``n`` classification images of the shapes data at the profile's size, in memory as the
     stages hold a split that fits ``data.cache_mb``."""
-    classes = list(params.data.classes)
+    classes = shape_classes(params)
     side = params.data.classification.image_size
     pictures, labels = [], []
     for i in range(n):
@@ -227,14 +232,15 @@ def generated_classification(n: int, params: Params, seed: int = 0) -> LabelledI
 
 def stage_dataset(stage: str, params: Params, images: LabelledImages, detection_dir: Path) -> Dataset:
     """The training dataset a stage builds (its transforms), over generated images."""
+    hflip = params.data.hflip
     if stage == "pretrain_ssl":
-        return contrastive.two_view_dataset(images.images, params.ssl)
+        return contrastive.two_view_dataset(images.images, params.ssl, hflip)
     if stage == "train_teacher":
-        return classifier.train_dataset(images, params.teacher, params.seed)
+        return classifier.train_dataset(images, params.teacher, params.seed, hflip)
     if stage.startswith("distill_deit"):
-        return distillation.train_dataset(images, params.deit)
+        return distillation.train_dataset(images, params.deit, hflip)
     p = params.detr_training
-    return CocoDetection(detection_dir / "train", train_transforms(p.train_scales, crop=p.crop))
+    return CocoDetection(detection_dir / "train", train_transforms(p.train_scales, hflip, crop=p.crop))
 
 
 def data_rate(
@@ -293,7 +299,7 @@ def schedule(stage: str, params: Params) -> Schedule:
     data = params.data
     if "shapes" not in (data.classification.source, data.detection.source, data.unlabeled.source):
         raise SystemExit("sizing reads the shapes data's counts: set data.*.source to shapes")
-    classes = len(data.classes)
+    classes = len(shape_classes(params))
     cls = data.classification.shapes
     n_train, n_val = cls.train_per_class * classes, cls.val_per_class * classes
     if stage == "pretrain_ssl":
@@ -363,7 +369,7 @@ def size_stages(args: argparse.Namespace) -> tuple[Params, list[Row]]:
         det = params.data.detection
         spec = det.shapes
         shapes.generate_detection(
-            Path(tmp), list(params.data.classes), {"train": n_images}, det.image_size, spec.min_objects,
+            Path(tmp), shape_classes(params), {"train": n_images}, det.image_size, spec.min_objects,
             spec.max_objects, spec.min_object_size, spec.max_object_size, params.seed, 1, False,
         )  # fmt: skip
         for stage, model, mode in STAGES:
@@ -472,7 +478,7 @@ def paired_difference_se(discordant: float, n: int) -> float:
 
 def resolution_lines(params: Params) -> list[str]:
     """How large a top-1 difference the report's 95 % intervals resolve on the profile's test splits."""
-    n = params.data.classification.shapes.test_per_class * len(params.data.classes)
+    n = params.data.classification.shapes.test_per_class * len(shape_classes(params))
     lines = [f"classification test split: {n} images"]
     for p in (0.5, 0.9):
         se = proportion_se(p, n)

@@ -42,11 +42,11 @@ def test_a_vit_block_counts_its_matmuls_and_attention_by_hand():
 def test_the_schedule_comes_from_the_params():
     params = size.gpu_check.load_profile("gpu")
     teacher = size.schedule("train_teacher", params)
-    n_train = params.data.classification.shapes.train_per_class * len(params.data.classes)
+    n_train = params.data.classification.shapes.train_per_class * len(size.shape_classes(params))
     assert teacher.images_per_epoch == n_train // params.teacher.batch_size * params.teacher.batch_size
     assert teacher.images == params.teacher.epochs * teacher.images_per_epoch
     ssl = size.schedule("pretrain_ssl", params)
-    n_val = params.data.classification.shapes.val_per_class * len(params.data.classes)
+    n_val = params.data.classification.shapes.val_per_class * len(size.shape_classes(params))
     assert ssl.val_images == (n_train + n_val) * (1 + params.ssl.epochs)  # every epoch, and once before
     detr = size.schedule("train_detr@deformable", params)
     evals = params.detr_training.epochs // params.detr_training.eval_every
