@@ -26,21 +26,25 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from vitkit.data.datasets import LabelledImageDataset, load_imagefolder
-from vitkit.data.shapes import generate_classification
+from vitkit.data.shapes import SHAPE_CLASSES, generate_classification
 from vitkit.data.transforms import train_transform
-from vitkit.engine.device import select_device
+from vitkit.engine.device import select_device, usable_cpus
 from vitkit.engine.distributed import DistInfo
 from vitkit.engine.task import TrainingTask
 from vitkit.engine.trainer import Trainer, TrainerConfig, to_device
 from vitkit.models.resnet import build_resnet
 
 
-def load_images(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def load_images(data_dir: Path, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default data's train split, or (without one) ``count`` generated 32 px shapes images."""
     if (data_dir / "train").is_dir():
         images, labels, *_ = load_imagefolder(data_dir / "train", cache_mb=math.inf)  # in memory
         return images[:], labels
+    per_class = math.ceil(count / len(SHAPE_CLASSES))
     with tempfile.TemporaryDirectory() as tmp:
-        generate_classification(Path(tmp), ["circle", "square", "triangle"], {"train": 200}, 32, seed=0)
+        generate_classification(
+            Path(tmp), SHAPE_CLASSES, {"train": per_class}, 32, seed=0, workers=usable_cpus(), progress=False
+        )
         images, labels, *_ = load_imagefolder(Path(tmp) / "train", cache_mb=math.inf)
         return images[:], labels
 
@@ -137,7 +141,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    images, labels = load_images(args.data)
+    images, labels = load_images(args.data, args.steps * args.batch_size)
     count = min(len(images), args.steps * args.batch_size)
     dataset = Subset(
         LabelledImageDataset(images, labels, train_transform(images.shape[-1], 0.5)), range(count)

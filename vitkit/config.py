@@ -150,7 +150,10 @@ class EngineParams(Section):
             "autocast leaves in fp32: losses, matching, contrastive similarities). Ignored on other devices."
         )
     )
-    channels_last: bool = Field(description="channels_last memory format for image batches on CUDA.")
+    channels_last: bool = Field(
+        description="channels_last memory format for the model and its image batches in training, on CUDA "
+        "and CPU (cuDNN's and oneDNN's convolutions are faster in it: a ResNet-18 step ~1.15x on a CPU)."
+    )
     threads: Annotated[int, Field(ge=0, le=MAX_PROCESSES)] = Field(
         description="torch intra-op threads per process; 0 keeps torch's default (split between DDP "
         "processes on CPU). More than this machine's usable cores per process are lowered to them, "

@@ -172,8 +172,12 @@ def mark_finished(directory: Path) -> bool:
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """A model file a later stage can rebuild the model from: weights plus what shaped them."""
-    save_torch(path, {"meta": meta, "state_dict": state_dict})
+    """A model file a later stage can rebuild the model from: weights plus what shaped them.
+
+    Stored contiguous: a model trained channels_last (``engine.channels_last``) gives the same
+    file as one trained in the default layout, whatever reads it."""
+    contiguous = {name: tensor.contiguous() for name, tensor in state_dict.items()}
+    save_torch(path, {"meta": meta, "state_dict": contiguous})
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -64,7 +64,7 @@ class TrainerConfig:
     amp: str  # bf16 autocast: "cuda" (there only), "always" or "off" (vitkit.engine.device.autocast)
     compile: bool  # torch.compile the training model
     tf32: bool  # TF32 float32 matmuls and convolutions on CUDA
-    channels_last: bool  # on CUDA
+    channels_last: bool  # on CUDA and CPU
     num_workers: int
     checkpoint_every_steps: int
     check_every_steps: int  # steps between host reads of the losses (NaN guard, progress bar)
@@ -167,7 +167,7 @@ class Trainer:
         self.dist = dist
         self.checkpoint_dir = Path(checkpoint_dir)
         self.on_epoch_end = on_epoch_end
-        self.use_channels_last = cfg.channels_last and device.type == "cuda"
+        self.use_channels_last = cfg.channels_last and device.type in ("cuda", "cpu")
 
         if device.type == "cuda":
             set_tf32(cfg.tf32)
