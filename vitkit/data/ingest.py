@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vitkit.config import MAX_CATEGORY_ID
+from vitkit.engine.device import warn
 from vitkit.errors import DataError
 from vitkit.io import atomic_dir, non_regular_kind
 
@@ -274,11 +274,8 @@ def _select_classes(
         selected[split] = [by_name[name] for name in sorted(set(classes) & set(by_name))]
         left_out |= set(by_name) - set(classes)
     if left_out and not problems.items:
-        print(
-            f"warning: ImageFolder {root}: class folder(s) {', '.join(sorted(left_out))} left out: "
-            "not in data.classes",
-            file=sys.stderr,
-            flush=True,
+        warn(
+            f"ImageFolder {root}: class folder(s) {', '.join(sorted(left_out))} left out: not in data.classes"
         )
     return selected
 
